@@ -1,0 +1,5 @@
+import sys
+
+from wasmesh.cli import main
+
+sys.exit(main())
