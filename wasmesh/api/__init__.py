@@ -1,1 +1,74 @@
-"""wasmesh.api."""
+"""The WasmPlugin API (``extensions.istio.io/v1alpha1``): model, loading, validation, ordering, selection."""
+
+from wasmesh.api.load import Document, LoadError, LoadResult, load_all, load_documents
+from wasmesh.api.model import (
+    EnvValueSource,
+    EnvVar,
+    FailStrategy,
+    ObjectMeta,
+    PluginPhase,
+    PluginType,
+    PolicyTargetReference,
+    PortSelector,
+    PullPolicy,
+    TrafficSelector,
+    VmConfig,
+    WasmPlugin,
+    WorkloadMode,
+    WorkloadSelector,
+    ecds_resource_name,
+    effective_pull_policy,
+    normalize_url,
+    plugin_configuration_json,
+)
+from wasmesh.api.ordering import group_by_phase, order_chain
+from wasmesh.api.parse import WasmPluginError, is_wasmplugin, parse_wasmplugin
+from wasmesh.api.selection import matches_traffic, matches_type, selects
+from wasmesh.api.validation import (
+    ValidationIssue,
+    ValidationReport,
+    ValidationResult,
+    validate_document,
+    validate_documents,
+    validate_paths,
+)
+
+__all__ = [
+    "Document",
+    "EnvValueSource",
+    "EnvVar",
+    "FailStrategy",
+    "LoadError",
+    "LoadResult",
+    "ObjectMeta",
+    "PluginPhase",
+    "PluginType",
+    "PolicyTargetReference",
+    "PortSelector",
+    "PullPolicy",
+    "TrafficSelector",
+    "ValidationIssue",
+    "ValidationReport",
+    "ValidationResult",
+    "VmConfig",
+    "WasmPlugin",
+    "WasmPluginError",
+    "WorkloadMode",
+    "WorkloadSelector",
+    "ecds_resource_name",
+    "effective_pull_policy",
+    "group_by_phase",
+    "is_wasmplugin",
+    "load_all",
+    "load_documents",
+    "matches_traffic",
+    "matches_type",
+    "normalize_url",
+    "order_chain",
+    "parse_wasmplugin",
+    "plugin_configuration_json",
+    "selects",
+    "validate_document",
+    "validate_documents",
+    "validate_paths",
+]

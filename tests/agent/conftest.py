@@ -1,0 +1,73 @@
+"""Fixtures of the agent tests: real registries (no auth / Basic / token), image pushes, a fault proxy."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+from agent_testsupport import (
+    FaultProxy,
+    ImageSpec,
+    Registry,
+    real_plugin_wasm,
+    skopeo_push,
+    start_registry,
+    write_oci_layout,
+)
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+def _require(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} is not installed (run scripts/install-test-deps.sh)")
+
+
+@pytest.fixture(scope="session")
+def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Registry]]:
+    for binary in ("docker-registry", "skopeo", "htpasswd", "openssl"):
+        _require(binary)
+    started: dict[str, Registry] = {}
+
+    def get(auth: str) -> Registry:
+        if auth not in started:
+            started[auth] = start_registry(tmp_path_factory.mktemp(f"registry-{auth}"), auth)
+        return started[auth]
+
+    yield get
+    for registry in started.values():
+        registry.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_registry(registry_factory: Callable[[str], Registry]) -> Registry:
+    return registry_factory("none")
+
+
+@pytest.fixture(scope="session")
+def plugin_wasm() -> bytes:
+    return real_plugin_wasm()
+
+
+@pytest.fixture(scope="session")
+def push_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """push_image(registry, repository, tag, spec, skopeo_args=()) -> manifest digest as pushed."""
+    counter = iter(range(1_000_000))
+
+    def push(
+        registry: Registry, repository: str, tag: str, spec: ImageSpec, skopeo_args: tuple[str, ...] = ()
+    ) -> str:
+        layout = tmp_path_factory.mktemp(f"layout-{next(counter)}")
+        digest = write_oci_layout(layout, spec, tag)
+        skopeo_push(layout, tag, registry, repository, extra=skopeo_args)
+        return digest
+
+    return push
+
+
+@pytest.fixture
+def fault_proxy(plain_registry: Registry) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(plain_registry)
+    yield proxy
+    proxy.stop()

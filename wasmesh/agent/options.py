@@ -1,0 +1,120 @@
+"""Cache and fetch options, with Istio's defaults and environment variable names (pkg/wasm/options.go)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODULE_EXPIRY_S = 24 * 3600.0
+DEFAULT_PURGE_INTERVAL_S = 3600.0
+DEFAULT_HTTP_TIMEOUT_S = 15.0
+DEFAULT_HTTP_MAX_RETRIES = 5
+DEFAULT_MAX_MODULE_BYTES = 256 << 20
+# What a single get() may take in total when the caller gives no deadline; istiod always sets
+# the HttpUri timeout to 30 s and the agent uses that as the overall fetch deadline.
+DEFAULT_GET_TIMEOUT_S = 30.0
+DEFAULT_CACHE_DIR = Path("/var/lib/istio/data")
+
+PULL_POLICIES = ("UNSPECIFIED_POLICY", "IfNotPresent", "Always")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Everything the module cache and its fetchers can be tuned with.
+
+    Zero or negative numbers mean "use Istio's default" (Istio's ``cacheOptions.sanitize``).
+    """
+
+    dir: Path = DEFAULT_CACHE_DIR
+    insecure_registries: frozenset[str] = field(default_factory=frozenset)
+    module_expiry_s: float = DEFAULT_MODULE_EXPIRY_S
+    purge_interval_s: float = DEFAULT_PURGE_INTERVAL_S
+    http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
+    http_max_retries: int = DEFAULT_HTTP_MAX_RETRIES
+    max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES
+    # First retry delay of the http fetcher; tests shrink it, production keeps Istio's 500 ms.
+    http_initial_backoff_s: float = 0.5
+    # Where Docker credentials are read when a request carries no pull secret; None = $DOCKER_CONFIG
+    # or ~/.docker, resolved at request time.
+    docker_config_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", Path(self.dir))
+        object.__setattr__(self, "insecure_registries", frozenset(self.insecure_registries))
+        defaults = {
+            "module_expiry_s": DEFAULT_MODULE_EXPIRY_S,
+            "purge_interval_s": DEFAULT_PURGE_INTERVAL_S,
+            "http_timeout_s": DEFAULT_HTTP_TIMEOUT_S,
+            "http_max_retries": DEFAULT_HTTP_MAX_RETRIES,
+            "max_module_bytes": DEFAULT_MAX_MODULE_BYTES,
+        }
+        for name, default in defaults.items():
+            if getattr(self, name) <= 0:
+                object.__setattr__(self, name, default)
+
+    def allow_insecure(self, host: str) -> bool:
+        """Whether ``host`` (``name`` or ``name:port``) may be reached over plain HTTP / unverified TLS."""
+        return "*" in self.insecure_registries or host in self.insecure_registries
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> CacheOptions:
+        """Options from Istio's agent variables (WASM_INSECURE_REGISTRIES, WASM_MODULE_EXPIRY, ...).
+
+        Durations accept Go syntax (``24h``, ``500ms``, ``1h30m``) or plain seconds.
+        """
+        source = os.environ if env is None else env
+        values: dict[str, object] = {}
+        if "WASM_INSECURE_REGISTRIES" in source:
+            values["insecure_registries"] = frozenset(
+                host.strip() for host in source["WASM_INSECURE_REGISTRIES"].split(",") if host.strip()
+            )
+        durations = {
+            "WASM_MODULE_EXPIRY": "module_expiry_s",
+            "WASM_PURGE_INTERVAL": "purge_interval_s",
+            "WASM_HTTP_REQUEST_TIMEOUT": "http_timeout_s",
+        }
+        for variable, attribute in durations.items():
+            if source.get(variable):
+                values[attribute] = parse_duration_s(source[variable], variable)
+        for variable, attribute in (
+            ("WASM_HTTP_REQUEST_MAX_RETRIES", "http_max_retries"),
+            ("ISTIO_WASM_MAX_BINARY_SIZE_BYTES", "max_module_bytes"),
+        ):
+            if source.get(variable):
+                try:
+                    values[attribute] = int(source[variable])
+                except ValueError:
+                    raise ValueError(f"{variable}: not an integer: {source[variable]!r}") from None
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+_DURATION_UNITS_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration_s(text: str, what: str = "duration") -> float:
+    """Seconds in a Go duration string (``1h30m``, ``500ms``) or a bare number of seconds."""
+    stripped = text.strip()
+    try:
+        return float(stripped)
+    except ValueError:
+        pass
+    total = 0.0
+    position = 0
+    while position < len(stripped):
+        start = position
+        while position < len(stripped) and (stripped[position].isdigit() or stripped[position] == "."):
+            position += 1
+        number = stripped[start:position]
+        unit_start = position
+        while position < len(stripped) and not (stripped[position].isdigit() or stripped[position] == "."):
+            position += 1
+        unit = stripped[unit_start:position]
+        if not number or unit not in _DURATION_UNITS_S:
+            raise ValueError(f"{what}: invalid duration {text!r} (examples: 24h, 90s, 500ms)")
+        total += float(number) * _DURATION_UNITS_S[unit]
+    if position == 0:
+        raise ValueError(f"{what}: invalid duration {text!r} (examples: 24h, 90s, 500ms)")
+    return total

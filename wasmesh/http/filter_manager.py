@@ -1,0 +1,744 @@
+"""The sans-I/O HTTP filter manager: runs one exchange through a filter chain.
+
+It follows Envoy's ``FilterManager`` (source/common/http/filter_manager.cc):
+
+* decoder callbacks run in chain order, encoder callbacks in reverse order;
+* ``STOP_ITERATION`` on headers holds the headers, but body chunks still reach the
+  SAME filter; ``STOP_ALL_ITERATION_AND_BUFFER``/``_WATERMARK`` deliver nothing more
+  to the filter (chunks are buffered) until it continues;
+* ``STOP_ITERATION_AND_BUFFER`` on data buffers the chunk; the next chunk is handed
+  to that filter together with everything buffered so far (the Proxy-Wasm view of
+  a buffered body); ``STOP_ITERATION_NO_BUFFER`` forwards nothing and buffers
+  nothing; ``_WATERMARK`` buffers and pauses the request source past the limit;
+* ``continue_decoding``/``continue_encoding`` resume from the filter after the one
+  that stopped (or from it, when it stopped everything and has not seen the data);
+* one buffer per direction, bounded by ``buffer_limit``: past it a non-streaming
+  buffer gives a 413 local reply (request) or 500 (response), as Envoy does;
+* a local reply goes through the encoder callbacks of the filters that saw the
+  request (Envoy runs a Wasm filter's response callbacks only when its request
+  callbacks ran); once the response has started through the encoders it goes
+  straight downstream; once response headers went downstream the stream is reset;
+* ``on_log`` then ``on_destroy`` run exactly once per filter, whatever happened.
+
+Transport contract beyond ``ExchangeSink`` (see ``wasmesh.http.exchange``): after a
+local reply ``upstream_abandoned`` tells whether an upstream request had already
+been started and must now be dropped; response events arriving after a local reply
+are ignored. ``on_downstream_reset`` and a filter's ``reset_stream`` complete the
+exchange themselves (``complete`` is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+from functools import partial
+from typing import TypeVar
+
+from wasmesh.http.exchange import ExchangeSink
+from wasmesh.http.filter import (
+    FilterDataStatus,
+    FilterHeadersStatus,
+    FilterTrailersStatus,
+    HttpFilter,
+    HttpFilterFactory,
+    StreamInfo,
+)
+from wasmesh.http.headers import HeaderMap
+
+__all__ = ["FilterManager", "DEFAULT_BUFFER_LIMIT", "http_to_grpc_status", "reason_phrase"]
+
+DEFAULT_BUFFER_LIMIT = 1 << 20  # Envoy's default per_connection_buffer_limit_bytes
+
+_log = logging.getLogger(__name__)
+
+_StatusT = TypeVar("_StatusT")
+
+# Envoy's CodeUtility::toString for the codes a filter manager emits itself.
+_REASONS: dict[int, str] = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+# Bodies Envoy's router uses for the upstream failures a transport reports.
+_UPSTREAM_FAILURE_BODIES: dict[int, bytes] = {
+    503: b"upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+    504: b"upstream request timeout",
+}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+def http_to_grpc_status(http_status: int) -> int:
+    """Envoy's Grpc::Utility::httpToGrpcStatus (used for gRPC local replies)."""
+    return {
+        400: 13,  # INTERNAL
+        401: 16,  # UNAUTHENTICATED
+        403: 7,  # PERMISSION_DENIED
+        404: 12,  # UNIMPLEMENTED
+        429: 14,  # UNAVAILABLE
+        502: 14,
+        503: 14,
+        504: 14,
+    }.get(http_status, 2)  # UNKNOWN
+
+
+class _Iteration(Enum):
+    CONTINUE = 0
+    STOP_SINGLE = 1  # headers held; data still reaches this filter
+    STOP_ALL_BUFFER = 2  # nothing reaches this filter; data buffered
+    STOP_ALL_WATERMARK = 3  # as above, and the source is paused past the limit
+
+
+_STOPPED_ALL = (_Iteration.STOP_ALL_BUFFER, _Iteration.STOP_ALL_WATERMARK)
+_BUFFERING_DATA_STATUSES = (
+    FilterDataStatus.STOP_ITERATION_AND_BUFFER,
+    FilterDataStatus.STOP_ITERATION_AND_WATERMARK,
+)
+
+
+class _Entry:
+    """One filter's state in one direction (Envoy's ActiveStream{De,En}coderFilter)."""
+
+    __slots__ = (
+        "filter",
+        "index",
+        "iteration",
+        "headers_called",
+        "headers_continued",
+        "end_stream",
+        "iterate_from_current",
+        "in_callback",
+        "continue_requested",
+    )
+
+    def __init__(self, http_filter: HttpFilter, index: int) -> None:
+        self.filter = http_filter
+        self.index = index
+        self.iteration = _Iteration.CONTINUE
+        self.headers_called = False
+        self.headers_continued = False
+        self.end_stream = False
+        self.iterate_from_current = False
+        self.in_callback = False
+        self.continue_requested = False
+
+
+class _Direction:
+    """Per-direction stream state: the held headers/trailers and the one shared buffer."""
+
+    def __init__(self, is_request: bool) -> None:
+        self.is_request = is_request
+        self.entries: list[_Entry] = []
+        self.headers: HeaderMap | None = None
+        self.trailers: HeaderMap | None = None
+        self.buffer: bytearray | None = None
+        self.buffer_holder: int | None = None  # index of the filter the buffered data stopped at
+        self.streaming = False  # the buffer is a watermark (pause) buffer, not a bounded one
+        self.source_complete = False  # the source sent end_stream
+        self.headers_sent = False  # headers reached the sink
+        self.done = False  # end of stream reached the sink
+        self.aborted = False  # a local reply/reset stopped this direction's iteration
+
+
+class _Callbacks:
+    """The FilterCallbacks handed to one filter."""
+
+    def __init__(self, manager: FilterManager, decoder: _Entry, encoder: _Entry) -> None:
+        self._manager = manager
+        self._decoder = decoder
+        self._encoder = encoder
+
+    @property
+    def stream_info(self) -> StreamInfo:
+        return self._manager.stream_info
+
+    def request_headers(self) -> HeaderMap | None:
+        return self._manager._request.headers
+
+    def request_trailers(self) -> HeaderMap | None:
+        return self._manager._request.trailers
+
+    def response_headers(self) -> HeaderMap | None:
+        return self._manager._response.headers
+
+    def response_trailers(self) -> HeaderMap | None:
+        return self._manager._response.trailers
+
+    def continue_decoding(self) -> None:
+        self._manager._continue(self._manager._request, self._decoder)
+
+    def continue_encoding(self) -> None:
+        self._manager._continue(self._manager._response, self._encoder)
+
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        details: str,
+        grpc_status: int | None = None,
+    ) -> None:
+        with self._manager._dispatch():
+            self._manager._send_local_reply(status, body, headers, details, grpc_status)
+
+    def reset_stream(self) -> None:
+        self._manager._reset("filter_reset_stream")
+
+    def clear_route_cache(self) -> None:
+        self._manager.route_cache_cleared = True
+
+    def add_request_trailers(self) -> HeaderMap:
+        return self._manager._add_trailers(self._manager._request)
+
+    def add_response_trailers(self) -> HeaderMap:
+        return self._manager._add_trailers(self._manager._response)
+
+
+class FilterManager:
+    """Drives one HTTP exchange through a chain of filters (see ``wasmesh.http.exchange``)."""
+
+    def __init__(
+        self,
+        factories: Sequence[HttpFilterFactory],
+        stream_info: StreamInfo,
+        sink: ExchangeSink,
+        *,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+    ) -> None:
+        self._factories = list(factories)
+        self.stream_info = stream_info
+        self._sink = sink
+        self.buffer_limit = buffer_limit
+        self._request = _Direction(is_request=True)
+        self._response = _Direction(is_request=False)
+        self._filters: list[HttpFilter] = []
+        self._chain_created = False
+        self._depth = 0
+        self._complete_pending = False
+        self._completed = False
+        self._is_reset = False
+        self._source_paused = False
+        self._head_request = False
+        self._grpc_request = False
+        self.local_reply_sent = False
+        self.upstream_started = False
+        self.upstream_abandoned = False
+        self.route_cache_cleared = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def request_headers(self) -> HeaderMap | None:
+        return self._request.headers
+
+    @property
+    def response_headers(self) -> HeaderMap | None:
+        return self._response.headers
+
+    @property
+    def response_started(self) -> bool:
+        """Response headers went downstream (a local reply can no longer replace them)."""
+        return self._response.headers_sent
+
+    @property
+    def response_complete(self) -> bool:
+        return self._response.done
+
+    @property
+    def request_complete(self) -> bool:
+        """The whole request (end of stream) reached the upstream."""
+        return self._request.done
+
+    @property
+    def is_reset(self) -> bool:
+        return self._is_reset
+
+    @property
+    def completed(self) -> bool:
+        return self._completed
+
+    # ------------------------------------------------------ downstream events
+    def on_request_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        with self._dispatch():
+            if self._closed() or self._request.headers is not None:
+                return
+            self._create_chain()
+            req = self._request
+            req.headers = headers
+            req.source_complete = end_stream
+            self._head_request = headers.get(b":method") == b"HEAD"
+            content_type = headers.get(b"content-type") or b""
+            self._grpc_request = content_type.startswith(b"application/grpc")
+            self._iterate_headers(req, 0, end_stream)
+
+    def on_request_data(self, chunk: bytes, end_stream: bool) -> None:
+        with self._dispatch():
+            req = self._request
+            if self._closed() or req.headers is None or req.source_complete:
+                return
+            self.stream_info.request_body_bytes += len(chunk)
+            req.source_complete = end_stream
+            if req.aborted:
+                return
+            self._iterate_data(req, 0, bytearray(chunk), end_stream)
+
+    def on_request_trailers(self, trailers: HeaderMap) -> None:
+        with self._dispatch():
+            req = self._request
+            if self._closed() or req.headers is None or req.source_complete:
+                return
+            req.source_complete = True
+            req.trailers = trailers
+            if req.aborted:
+                return
+            self._iterate_trailers(req, 0)
+
+    def on_downstream_reset(self) -> None:
+        """The client went away: no more callbacks except on_log/on_destroy, which run now."""
+        with self._dispatch():
+            if self._completed:
+                return
+            self._is_reset = True
+            self.stream_info.response_code_details = (
+                self.stream_info.response_code_details or "downstream_remote_disconnect"
+            )
+            self._complete_pending = True
+
+    # -------------------------------------------------------- upstream events
+    def on_response_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        with self._dispatch():
+            resp = self._response
+            if self._closed() or self.local_reply_sent or resp.headers is not None:
+                return
+            self._create_chain()
+            resp.headers = headers
+            resp.source_complete = end_stream
+            self._iterate_headers(resp, 0, end_stream)
+
+    def on_response_data(self, chunk: bytes, end_stream: bool) -> None:
+        with self._dispatch():
+            resp = self._response
+            if self._closed() or self.local_reply_sent or resp.headers is None or resp.source_complete:
+                return
+            resp.source_complete = end_stream
+            if resp.aborted:
+                return
+            self._iterate_data(resp, 0, bytearray(chunk), end_stream)
+
+    def on_response_trailers(self, trailers: HeaderMap) -> None:
+        with self._dispatch():
+            resp = self._response
+            if self._closed() or self.local_reply_sent or resp.headers is None or resp.source_complete:
+                return
+            resp.source_complete = True
+            resp.trailers = trailers
+            if resp.aborted:
+                return
+            self._iterate_trailers(resp, 0)
+
+    def on_upstream_failure(self, status: int, details: str, body: bytes | None = None) -> None:
+        """The upstream could not answer (503 refused/reset, 504 timeout): Envoy's router local reply."""
+        with self._dispatch():
+            if self._closed() or self.local_reply_sent:
+                return
+            if body is None:
+                body = _UPSTREAM_FAILURE_BODIES.get(status, reason_phrase(status).encode())
+            self._create_chain()
+            # The router is the last decoder filter: every filter sees its reply.
+            self._send_local_reply(status, body, [], details, None, from_router=True)
+
+    def complete(self) -> None:
+        """The exchange is over: every filter gets on_log, then on_destroy, exactly once."""
+        if self._completed:
+            return
+        if self._depth > 0:
+            self._complete_pending = True
+            return
+        self._completed = True
+        self._request.aborted = True
+        self._response.aborted = True
+        for http_filter in self._filters:
+            try:
+                http_filter.on_log()
+            except Exception:  # a broken filter must not keep the others from logging
+                _log.exception("filter on_log raised")
+        for http_filter in self._filters:
+            try:
+                http_filter.on_destroy()
+            except Exception:
+                _log.exception("filter on_destroy raised")
+
+    # --------------------------------------------------------------- internals
+    @contextmanager
+    def _dispatch(self) -> Iterator[None]:
+        """Every entry point: runs a pending completion once the outermost call unwinds."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._complete_pending and not self._completed:
+                self.complete()
+
+    def _closed(self) -> bool:
+        return self._completed or self._is_reset or self._complete_pending
+
+    def _create_chain(self) -> None:
+        if self._chain_created:
+            return
+        self._chain_created = True
+        for factory in self._factories:
+            http_filter = factory.create_filter()
+            if http_filter is not None:
+                self._filters.append(http_filter)
+        count = len(self._filters)
+        for index, http_filter in enumerate(self._filters):
+            decoder = _Entry(http_filter, index)
+            # Encoders run in reverse: the last filter of the chain encodes first.
+            encoder = _Entry(http_filter, count - 1 - index)
+            self._request.entries.append(decoder)
+            self._response.entries.insert(0, encoder)
+            http_filter.set_callbacks(_Callbacks(self, decoder, encoder))
+
+    def _decoder_of(self, encoder: _Entry) -> _Entry:
+        return self._request.entries[len(self._request.entries) - 1 - encoder.index]
+
+    def _skip_encoder(self, direction: _Direction, entry: _Entry) -> bool:
+        """Filters that never saw the request do not see the response (a local reply)."""
+        return not direction.is_request and not self._decoder_of(entry).headers_called
+
+    def _invoke(
+        self, direction: _Direction, entry: _Entry, call: Callable[[], _StatusT], stop: _StatusT
+    ) -> _StatusT:
+        entry.in_callback = True
+        try:
+            status = call()
+        except Exception as exc:
+            entry.in_callback = False
+            _log.exception("filter raised during %s", "decoding" if direction.is_request else "encoding")
+            self._filter_failed(f"filter_raised_{type(exc).__name__}")
+            return stop
+        entry.in_callback = False
+        if direction.aborted:
+            return stop
+        return status
+
+    def _filter_failed(self, details: str) -> None:
+        if self._closed():
+            return
+        if self.local_reply_sent or self._response.headers_sent:
+            self._reset(details)
+        else:
+            self._send_local_reply(500, b"", [], details, None)
+
+    # Headers ----------------------------------------------------------------
+    def _iterate_headers(self, d: _Direction, start: int, end_stream: bool) -> None:
+        headers = d.headers
+        assert headers is not None
+        for entry in d.entries[start:]:
+            if self._skip_encoder(d, entry):
+                continue
+            entry.end_stream = end_stream
+            entry.continue_requested = False
+            # Marked before the call: a local reply sent from inside it reaches this filter's encoder.
+            entry.headers_called = True
+            method = entry.filter.decode_headers if d.is_request else entry.filter.encode_headers
+            status = self._invoke(
+                d, entry, partial(method, headers, end_stream), FilterHeadersStatus.STOP_ITERATION
+            )
+            if d.aborted:
+                return
+            if status == FilterHeadersStatus.STOP_ITERATION:
+                entry.iteration = _Iteration.STOP_SINGLE
+            elif status == FilterHeadersStatus.STOP_ALL_ITERATION_AND_BUFFER:
+                entry.iteration = _Iteration.STOP_ALL_BUFFER
+            elif status == FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK:
+                entry.iteration = _Iteration.STOP_ALL_WATERMARK
+            else:  # CONTINUE, and CONTINUE_AND_END_STREAM which Envoy's Wasm filter maps to Continue
+                entry.headers_continued = True
+                continue
+            if entry.continue_requested:  # continue called from inside the callback
+                self._common_continue(d, entry)
+            return
+        self._emit_headers(d, headers, end_stream)
+
+    def _emit_headers(self, d: _Direction, headers: HeaderMap, end_stream: bool) -> None:
+        d.headers_sent = True
+        if end_stream:
+            d.done = True
+        if d.is_request:
+            self.upstream_started = True
+            self._sink.upstream_request_headers(headers, end_stream)
+        else:
+            status = headers.get(b":status")
+            if status is not None and status.isdigit():
+                self.stream_info.response_code = int(status)
+            if self.stream_info.response_code_details is None:
+                self.stream_info.response_code_details = "via_upstream"
+            self._sink.downstream_response_headers(headers, end_stream)
+
+    # Data -------------------------------------------------------------------
+    def _iterate_data(self, d: _Direction, start: int, data: bytearray, end_stream: bool) -> None:
+        trailers_at_start = d.trailers is not None
+        trailers_added_at: int | None = None
+        for entry in d.entries[start:]:
+            if self._skip_encoder(d, entry):
+                continue
+            if entry.iteration in _STOPPED_ALL:
+                d.streaming = entry.iteration == _Iteration.STOP_ALL_WATERMARK
+                self._buffer_data(d, entry, data)
+                return
+            if entry.end_stream:
+                return
+            entry.end_stream = end_stream and d.trailers is None
+            if d.buffer_holder == entry.index and d.buffer is not None and data is not d.buffer:
+                # The filter buffered earlier chunks: it sees the whole body so far.
+                d.buffer.extend(data)
+                data = d.buffer
+                if len(data) > self.buffer_limit:
+                    self._buffer_over_limit(d)
+                    if d.aborted or self._closed():
+                        return
+            entry.continue_requested = False
+            data_method = entry.filter.decode_data if d.is_request else entry.filter.encode_data
+            data_call = partial(data_method, data, entry.end_stream)
+            status = self._invoke(d, entry, data_call, FilterDataStatus.STOP_ITERATION_NO_BUFFER)
+            if d.aborted:
+                return
+            if not trailers_at_start and d.trailers is not None and trailers_added_at is None:
+                trailers_added_at = entry.index
+            if not self._after_data(d, entry, status, data):
+                return
+        modified_end_stream = end_stream and trailers_added_at is None
+        self._emit_data(d, data, modified_end_stream)
+        if trailers_added_at is not None and not d.aborted:
+            self._iterate_trailers(d, trailers_added_at + 1)
+
+    def _after_data(self, d: _Direction, entry: _Entry, status: FilterDataStatus, data: bytearray) -> bool:
+        """Envoy's commonHandleAfterDataCallback: True = keep iterating."""
+        if status == FilterDataStatus.CONTINUE:
+            if entry.iteration == _Iteration.STOP_SINGLE:
+                # The filter held the headers (or buffered) and now lets everything go.
+                self._buffer_data(d, entry, data)
+                self._common_continue(d, entry)
+                return False
+            return True
+        entry.iteration = _Iteration.STOP_SINGLE
+        if status in _BUFFERING_DATA_STATUSES:
+            d.streaming = status == FilterDataStatus.STOP_ITERATION_AND_WATERMARK
+            self._buffer_data(d, entry, data)
+        elif data is d.buffer:
+            d.buffer_holder = entry.index  # what was buffered stays buffered
+        elif d.source_complete and d.trailers is None and d.buffer is None:
+            # The last chunk was dropped: keep an empty buffer so that continuing
+            # later still delivers end_stream downstream.
+            d.buffer = bytearray()
+            d.buffer_holder = entry.index
+        if entry.continue_requested and not d.aborted:
+            self._common_continue(d, entry)
+        return False
+
+    def _buffer_data(self, d: _Direction, entry: _Entry, data: bytearray) -> None:
+        d.buffer_holder = entry.index
+        if data is d.buffer:
+            return
+        if d.buffer is None:
+            d.buffer = bytearray()
+        d.buffer.extend(data)
+        if len(d.buffer) > self.buffer_limit:
+            self._buffer_over_limit(d)
+
+    def _buffer_over_limit(self, d: _Direction) -> None:
+        if d.streaming:
+            if d.is_request and not self._source_paused:
+                self._source_paused = True
+                self._sink.pause_request_source()
+            return
+        if d.is_request:
+            self._send_local_reply(413, b"Payload Too Large", [], "request_payload_too_large", None)
+        else:
+            self._send_local_reply(500, b"Internal Server Error", [], "response_payload_too_large", None)
+
+    def _emit_data(self, d: _Direction, data: bytearray, end_stream: bool) -> None:
+        payload = bytes(data)
+        if data is d.buffer:
+            d.buffer = None
+            d.buffer_holder = None
+            if d.is_request and self._source_paused:
+                self._source_paused = False
+                self._sink.resume_request_source()
+        if end_stream:
+            d.done = True
+        if d.is_request:
+            self._sink.upstream_request_data(payload, end_stream)
+        else:
+            self.stream_info.response_body_bytes += len(payload)
+            self._sink.downstream_response_data(payload, end_stream)
+
+    # Trailers ---------------------------------------------------------------
+    def _iterate_trailers(self, d: _Direction, start: int) -> None:
+        trailers = d.trailers
+        assert trailers is not None
+        for entry in d.entries[start:]:
+            if self._skip_encoder(d, entry):
+                continue
+            if entry.iteration in _STOPPED_ALL:
+                return
+            entry.continue_requested = False
+            trailers_method = entry.filter.decode_trailers if d.is_request else entry.filter.encode_trailers
+            trailers_call = partial(trailers_method, trailers)
+            status = self._invoke(d, entry, trailers_call, FilterTrailersStatus.STOP_ITERATION)
+            entry.end_stream = True
+            if d.aborted:
+                return
+            if status == FilterTrailersStatus.CONTINUE:
+                if entry.iteration == _Iteration.STOP_SINGLE:
+                    self._common_continue(d, entry)
+                    return
+                continue
+            entry.iteration = _Iteration.STOP_SINGLE
+            if entry.continue_requested:
+                self._common_continue(d, entry)
+            return
+        d.done = True
+        if d.is_request:
+            self._sink.upstream_request_trailers(trailers)
+        else:
+            self._sink.downstream_response_trailers(trailers)
+
+    def _add_trailers(self, d: _Direction) -> HeaderMap:
+        if d.trailers is None:
+            d.trailers = HeaderMap()
+        return d.trailers
+
+    # Continue ---------------------------------------------------------------
+    def _continue(self, d: _Direction, entry: _Entry) -> None:
+        with self._dispatch():
+            if self._closed() or d.aborted:
+                return
+            if entry.in_callback:
+                # Envoy's Wasm filter defers a continue issued inside its own callback
+                # until that callback returned; the status is applied first.
+                entry.continue_requested = True
+                return
+            self._common_continue(d, entry)
+
+    def _common_continue(self, d: _Direction, entry: _Entry) -> None:
+        """Envoy's ActiveStreamFilterBase::commonContinue."""
+        entry.continue_requested = False
+        if self._closed() or d.aborted:
+            return
+        if entry.iteration == _Iteration.CONTINUE:
+            return  # nothing is held by this filter
+        if entry.iteration in _STOPPED_ALL:
+            entry.iterate_from_current = True
+        entry.iteration = _Iteration.CONTINUE
+        if not entry.headers_continued:
+            entry.headers_continued = True
+            end_stream = d.source_complete and d.buffer is None and d.trailers is None
+            self._iterate_headers(d, entry.index + 1, end_stream)
+            if d.aborted:
+                return
+        had_trailers = d.trailers is not None
+        if d.buffer is not None:
+            start = entry.index if entry.iterate_from_current else entry.index + 1
+            self._iterate_data(d, start, d.buffer, d.source_complete and not had_trailers)
+            if d.aborted:
+                return
+        if had_trailers:
+            start = entry.index if entry.iterate_from_current else entry.index + 1
+            self._iterate_trailers(d, start)
+        entry.iterate_from_current = False
+
+    # Local reply / reset ----------------------------------------------------
+    def _send_local_reply(
+        self,
+        status: int,
+        body: bytes,
+        extra_headers: list[tuple[bytes, bytes]],
+        details: str,
+        grpc_status: int | None,
+        *,
+        from_router: bool = False,
+    ) -> None:
+        if self._closed():
+            return
+        resp = self._response
+        if resp.headers_sent:
+            # Envoy: prior headers were already sent downstream; all it can do is reset.
+            self._reset(details)
+            return
+        # Nothing more goes upstream; an upstream request already under way is dropped
+        # (the router's own replies come from a failed upstream: nothing left to drop).
+        self._request.aborted = True
+        if self.upstream_started and not from_router and not resp.source_complete:
+            self.upstream_abandoned = True
+        self.local_reply_sent = True
+        self.stream_info.response_code_details = details
+        headers, body = self._local_reply_message(status, body, extra_headers, grpc_status)
+        end_stream = not body
+        if resp.headers is None:
+            # The response has not started: through the encoder filters.
+            resp.headers = headers
+            resp.source_complete = True
+            self._iterate_headers(resp, 0, end_stream)
+            if body and not resp.aborted and not self._closed():
+                self._iterate_data(resp, 0, bytearray(body), True)
+        else:
+            # The response is inside the encoder filters: bypass them (Envoy's sendDirectLocalReply).
+            resp.aborted = True
+            resp.headers = headers
+            resp.buffer = None
+            self._emit_headers(resp, headers, end_stream)
+            if body and not self._closed():
+                self._emit_data(resp, bytearray(body), True)
+
+    def _local_reply_message(
+        self, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]], grpc_status: int | None
+    ) -> tuple[HeaderMap, bytes]:
+        """Envoy's Utility::prepareLocalReply: the headers and body of a local reply."""
+        headers = HeaderMap([(b":status", str(status).encode())])
+        for name, value in extra_headers:
+            headers.add(name, value)
+        if self._grpc_request:
+            # gRPC clients need a trailers-only response: HTTP 200 with grpc-status.
+            headers.set(b":status", b"200")
+            headers.set(b"content-type", b"application/grpc")
+            code = grpc_status if grpc_status is not None else http_to_grpc_status(status)
+            headers.set(b"grpc-status", str(code).encode())
+            if body:
+                headers.set(b"grpc-message", body)
+            return headers, b""
+        if body and not self._head_request:
+            headers.set(b"content-length", str(len(body)).encode())
+            if headers.get(b"content-type") is None:
+                headers.add(b"content-type", b"text/plain")
+            return headers, body
+        headers.remove(b"content-length")
+        headers.remove(b"content-type")
+        return headers, b""
+
+    def _reset(self, details: str) -> None:
+        with self._dispatch():
+            if self._closed():
+                return
+            self._is_reset = True
+            self._request.aborted = True
+            self._response.aborted = True
+            if self.upstream_started and not self._response.done:
+                self.upstream_abandoned = True
+            self.stream_info.response_code_details = details
+            self._sink.reset(details)
+            self._complete_pending = True

@@ -1,0 +1,284 @@
+"""Listeners and downstream HTTP/1.1 connections (asyncio.Protocol + httptools).
+
+A connection parses requests into ``ProxyExchange``s. HTTP/1.1 pipelining is
+honoured: a request that arrives while an earlier one is still being answered is
+recorded and replayed once the earlier response is done (reading pauses meanwhile).
+Malformed input gets a 400 and the connection closes; the worker lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from typing import Any, cast
+
+from wasmesh.http.headers import HeaderMap
+from wasmesh.proxy.chain import PluginChain
+from wasmesh.proxy.config import ListenerConfig
+from wasmesh.proxy.exchange import ProxyExchange
+from wasmesh.proxy.http1 import BadMessage, RequestParser, simple_response
+from wasmesh.proxy.router import Router
+from wasmesh.proxy.stats import ListenerStats, ProxyStats
+from wasmesh.proxy.upstream import WRITE_HIGH_WATER, ClusterManager
+
+log = logging.getLogger("wasmesh.proxy")
+
+PAUSE_PIPELINE = 4
+
+_EV_HEADERS, _EV_BODY, _EV_COMPLETE = 0, 1, 2
+
+_connection_ids = itertools.count(1)
+
+
+class Listener:
+    """One listening socket with its routes and its current plugin chain."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        clusters: ClusterManager,
+        proxy_stats: ProxyStats,
+        node: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.router = Router(config.virtual_hosts)
+        self.clusters = clusters
+        self.proxy_stats = proxy_stats
+        self.stats: ListenerStats = proxy_stats.listener(config.name)
+        self.node = node
+        self.loop = loop
+        self.chain = PluginChain()
+        self.server: asyncio.Server | None = None
+        self.connections: set[DownstreamConnection] = set()
+        self.draining = False
+
+    def swap_chain(self, chain: PluginChain) -> PluginChain:
+        """Install ``chain`` for new exchanges; the old one is retired (freed once its exchanges end)."""
+        old, self.chain = self.chain, chain
+        old.retire()
+        return old
+
+    def update_routes(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.router = Router(config.virtual_hosts)
+
+    async def start(self, reuse_port: bool = False, sock: Any = None) -> None:
+        if sock is not None:
+            self.server = await self.loop.create_server(lambda: DownstreamConnection(self), sock=sock, backlog=2048)
+        else:
+            self.server = await self.loop.create_server(
+                lambda: DownstreamConnection(self),
+                self.config.address,
+                self.config.port,
+                reuse_port=reuse_port or None,
+                backlog=2048,
+            )
+
+    @property
+    def bound_address(self) -> tuple[str, int]:
+        assert self.server is not None and self.server.sockets
+        name = self.server.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def start_draining(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their current response."""
+        self.draining = True
+        for c in list(self.connections):
+            c.close_if_idle()
+
+
+class DownstreamConnection(asyncio.Protocol):
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.connection_id = next(_connection_ids)
+        self.transport: asyncio.Transport | None = None
+        self.parser = RequestParser(self)
+        self.peer: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+        self.current: ProxyExchange | None = None  # the exchange whose response is being written
+        self.receiving: ProxyExchange | None = None  # the exchange whose request is being parsed
+        self.queue: deque[ProxyExchange] = deque()
+        self._paused = 0
+        self._closing = False
+        self._writing_paused = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = (str(peer[0]), int(peer[1]))
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            self.local = (str(local[0]), int(local[1]))
+        stats = self.listener.stats
+        stats.cx_total += 1
+        stats.cx_active += 1
+        self.listener.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self.parser.feed(data)
+        except BadMessage as exc:
+            self._protocol_error(str(exc))
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: HTTP/1.1 has no use for it; a pending response may still be written.
+        if self.current is None:
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.transport = None
+        self.listener.connections.discard(self)
+        self.listener.stats.cx_active -= 1
+        pending = [e for e in (self.current, *self.queue, self.receiving) if e is not None]
+        self.current = self.receiving = None
+        self.queue.clear()
+        seen: set[int] = set()
+        for ex in pending:
+            if id(ex) in seen:
+                continue
+            seen.add(id(ex))
+            ex.downstream_reset()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
+
+    # ------------------------------------------------------------------ RequestHandler (parser events)
+
+    def on_request_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool) -> None:
+        ex = ProxyExchange(self, self.listener, keep_alive, http10)
+        self.receiving = ex
+        if self.current is None:
+            self.current = ex
+            self._guard(ex, ex.start, headers, end_stream)
+        else:
+            ex.deferred = [(_EV_HEADERS, (headers, end_stream))]
+            self.queue.append(ex)
+            self.pause_reading(PAUSE_PIPELINE)
+
+    def on_request_body(self, data: bytes) -> None:
+        ex = self.receiving
+        if ex is None:
+            return
+        if ex.deferred is not None:
+            ex.deferred.append((_EV_BODY, data))
+        else:
+            self._guard(ex, ex.request_body, data)
+
+    def on_request_complete(self, had_body: bool) -> None:
+        ex = self.receiving
+        if ex is None:
+            return
+        if ex.deferred is not None:
+            ex.deferred.append((_EV_COMPLETE, had_body))
+        else:
+            self._guard(ex, ex.request_complete, had_body)
+
+    def _guard(self, ex: ProxyExchange, fn: Any, *args: Any) -> None:
+        """Run an exchange step; a bug there resets that exchange instead of reading as malformed HTTP."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("listener %s: exchange failed", self.listener.name)
+            ex.reset("internal_error")
+
+    # ------------------------------------------------------------------ used by exchanges
+
+    @property
+    def draining(self) -> bool:
+        return self.listener.draining
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def exchange_done(self, ex: ProxyExchange, keep_alive: bool) -> None:
+        if ex is not self.current:
+            return  # a queued exchange reset along with the connection
+        self.current = None
+        if self.receiving is ex and ex.request_received:
+            self.receiving = None
+        if not keep_alive or self._closing:
+            self._close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.current = nxt
+            events, nxt.deferred = nxt.deferred or [], None
+            for kind, payload in events:
+                if nxt.done:
+                    break
+                if kind == _EV_HEADERS:
+                    headers, end_stream = payload  # type: ignore[misc]
+                    self._guard(nxt, nxt.start, headers, end_stream)
+                elif kind == _EV_BODY:
+                    self._guard(nxt, nxt.request_body, payload)
+                else:
+                    self._guard(nxt, nxt.request_complete, payload)
+        if not self.queue:
+            self.resume_reading(PAUSE_PIPELINE)
+        if self.current is None and self.listener.draining:
+            self._close()
+
+    def close_if_idle(self) -> None:
+        if self.current is None and self.receiving is None:
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _protocol_error(self, message: str) -> None:
+        self.listener.stats.cx_protocol_error += 1
+        log.debug("listener %s: %s from %s", self.listener.name, message, self.peer)
+        ex = self.current
+        respond = ex is None or not ex.response_started
+        if ex is not None:
+            ex.keep_alive = False
+        if respond and self.transport is not None:
+            self.transport.write(simple_response(400, b"Bad Request"))
+        self._close()

@@ -1,0 +1,324 @@
+"""HTTP/1.1 wire format, sans-I/O: httptools parsing glue and message serialisation.
+
+Parsers turn bytes into events on a handler object and never touch a socket, so
+tests can feed byte strings. Serialisers turn ``HeaderMap``s into bytes. Names go
+on the wire lower-case (as Envoy's HTTP/1 codec does by default).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Protocol
+
+import httptools
+
+from wasmesh.http.headers import HeaderMap
+
+# Connection-specific headers never forwarded (RFC 9110 §7.6.1; Envoy strips the same set).
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
+
+LAST_CHUNK = b"0\r\n\r\n"
+CRLF = b"\r\n"
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def status_has_no_body(status: int) -> bool:
+    return status < 200 or status in (204, 304)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class BadMessage(ValueError):
+    """Malformed HTTP from a peer; the message is one line for logs and response details."""
+
+
+# --------------------------------------------------------------------------- downstream (requests)
+
+
+class RequestHandler(Protocol):
+    """What ``RequestParser`` reports; the proxy's connection implements it."""
+
+    def on_request_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool) -> None: ...
+
+    def on_request_body(self, data: bytes) -> None: ...
+
+    def on_request_complete(self, had_body: bool) -> None: ...
+
+
+class RequestParser:
+    """Parses a stream of HTTP/1.x requests into ``RequestHandler`` events.
+
+    Headers come out as one ``HeaderMap`` with ``:method``, ``:path``, ``:authority``
+    (from Host; absent Host leaves it empty) and ``:scheme`` first, then the rest
+    with lower-case names; ``host`` itself is dropped as Envoy does.
+    """
+
+    __slots__ = ("_handler", "_parser", "_url", "_pairs", "_scheme", "_has_body", "_host_seen")
+
+    def __init__(self, handler: RequestHandler, scheme: bytes = b"http") -> None:
+        self._handler = handler
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._pairs: list[tuple[bytes, bytes]] = []
+        self._scheme = scheme
+        self._has_body = False
+        self._host_seen = False
+
+    def feed(self, data: bytes) -> None:
+        """Raises BadMessage on malformed input (the caller answers 400 and closes)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise BadMessage("protocol upgrade is not supported") from None
+        except httptools.HttpParserError as exc:
+            raise BadMessage(f"malformed HTTP request: {exc}") from None
+
+    # httptools callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._pairs = [(b":method", b""), (b":path", b""), (b":authority", b""), (b":scheme", self._scheme)]
+        self._has_body = False
+        self._host_seen = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"host":
+            if self._host_seen:
+                raise BadMessage("multiple Host headers")
+            self._host_seen = True
+            self._pairs[2] = (b":authority", value)
+            return
+        if lname == b"content-length" or lname == b"transfer-encoding":
+            self._has_body = True  # refined below; a zero length means no body
+            if lname == b"content-length" and value.strip() == b"0":
+                self._has_body = False
+        self._pairs.append((lname, value))
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        url = self._url
+        if url.startswith(b"http://") or url.startswith(b"https://"):
+            # Absolute form (forward-proxy style): authority and path come from the URL.
+            parsed = httptools.parse_url(url)
+            if parsed.host:
+                host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+                self._pairs[2] = (b":authority", host)
+            url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        self._pairs[0] = (b":method", p.get_method())
+        self._pairs[1] = (b":path", url)
+        http10 = p.get_http_version() == "1.0"
+        self._handler.on_request_headers(
+            HeaderMap.from_lowercase(self._pairs), not self._has_body, p.should_keep_alive(), http10
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._handler.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        self._handler.on_request_complete(self._has_body)
+
+
+# --------------------------------------------------------------------------- upstream (responses)
+
+
+class ResponseHandler(Protocol):
+    def on_response_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_complete(self) -> None: ...
+
+
+class ResponseParser:
+    """Parses one connection's responses. ``expect_no_body()`` before a HEAD request's answer."""
+
+    __slots__ = ("_handler", "_parser", "_pairs", "_no_body", "_body_expected", "_done", "_headers_done", "_eof_body")
+
+    def __init__(self, handler: ResponseHandler) -> None:
+        self._handler = handler
+        self._parser = httptools.HttpResponseParser(self)
+        self._pairs: list[tuple[bytes, bytes]] = []
+        self._no_body = False
+        self._body_expected = False
+        self._done = False
+        self._headers_done = False
+        self._eof_body = False
+
+    def expect_no_body(self) -> None:
+        self._no_body = True
+
+    @property
+    def in_body_until_eof(self) -> bool:
+        """The response has neither length nor chunking: it ends when the connection closes."""
+        return self._headers_done and not self._done and self._eof_body
+
+    @property
+    def message_started(self) -> bool:
+        return self._headers_done
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise BadMessage("upstream switched protocols") from None
+        except httptools.HttpParserError as exc:
+            raise BadMessage(f"malformed HTTP response: {exc}") from None
+        if self._no_body and self._headers_done and not self._done:
+            # httptools cannot be told a response answers HEAD; finish it ourselves and start
+            # a fresh parser for the next response on this connection.
+            self._done = True
+            self._parser = httptools.HttpResponseParser(self)
+            self._handler.on_response_complete()
+
+    def on_message_begin(self) -> None:
+        self._pairs = [(b":status", b"")]
+        self._done = False
+        self._headers_done = False
+        self._body_expected = False
+        self._eof_body = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._pairs.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._pairs[0] = (b":status", b"%d" % status)
+        self._headers_done = True
+        if self._no_body or status_has_no_body(status):
+            self._body_expected = False
+        else:
+            length: bytes | None = None
+            chunked = False
+            for k, v in self._pairs:
+                if k == b"content-length":
+                    length = v
+                elif k == b"transfer-encoding":
+                    chunked = True
+            if chunked:
+                self._body_expected = True
+            elif length is not None:
+                self._body_expected = length.strip() != b"0"
+            else:
+                self._body_expected = True
+                self._eof_body = True
+        if status < 200:
+            # 1xx interim responses are not forwarded (Envoy drops them unless configured); 101 is refused.
+            return
+        keep_alive = self._parser.should_keep_alive() and not self._eof_body
+        self._handler.on_response_headers(HeaderMap.from_lowercase(self._pairs), not self._body_expected, keep_alive)
+
+    def on_body(self, body: bytes) -> None:
+        self._handler.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._done:
+            return
+        if self._pairs and self._pairs[0][1].startswith(b"1"):
+            return  # interim response finished; the real one follows
+        self._done = True
+        self._handler.on_response_complete()
+
+    def connection_closed(self) -> bool:
+        """Tell the parser the peer closed; True if that completed an EOF-delimited body."""
+        if self.in_body_until_eof:
+            self._done = True
+            self._handler.on_response_complete()
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def encode_request_head(headers: HeaderMap, chunked: bool) -> bytes:
+    """Request line and headers for the upstream. ``:authority`` becomes Host."""
+    method = path = authority = b""
+    out: list[bytes] = []
+    for k, v in headers.pairs():
+        if k[:1] == b":":
+            if k == b":method":
+                method = v
+            elif k == b":path":
+                path = v
+            elif k == b":authority":
+                authority = v
+            continue
+        if k in HOP_BY_HOP:
+            continue
+        out.append(b"%b: %b\r\n" % (k, v))
+    head = b"%b %b HTTP/1.1\r\nhost: %b\r\n" % (method or b"GET", path or b"/", authority)
+    if chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    out.append(CRLF)
+    return head + b"".join(out)
+
+
+class ResponseFraming:
+    LENGTH = 0  # content-length given (or no body): write data as is
+    CHUNKED = 1
+    CLOSE = 2  # HTTP/1.0 client without length: the body ends when we close
+
+
+def encode_response_head(
+    headers: HeaderMap, *, end_stream: bool, keep_alive: bool, http10: bool, head_request: bool
+) -> tuple[bytes, int, bool]:
+    """Serialise response headers; returns (bytes, framing, keep_alive actually used)."""
+    status_value = b"200"
+    has_length = False
+    out: list[bytes] = []
+    for k, v in headers.pairs():
+        if k[:1] == b":":
+            if k == b":status":
+                status_value = v
+            continue
+        if k in HOP_BY_HOP:
+            continue
+        if k == b"content-length":
+            has_length = True
+        out.append(b"%b: %b\r\n" % (k, v))
+    try:
+        status = int(status_value)
+    except ValueError:
+        status = 502
+    framing = ResponseFraming.LENGTH
+    if status_has_no_body(status) or head_request:
+        pass
+    elif has_length:
+        pass
+    elif end_stream:
+        out.append(b"content-length: 0\r\n")
+    elif http10:
+        framing = ResponseFraming.CLOSE
+        keep_alive = False
+    else:
+        framing = ResponseFraming.CHUNKED
+        out.append(b"transfer-encoding: chunked\r\n")
+    if not keep_alive:
+        out.append(b"connection: close\r\n")
+    elif http10:
+        out.append(b"connection: keep-alive\r\n")
+    out.append(CRLF)
+    line = b"HTTP/1.%d %d %b\r\n" % (0 if http10 else 1, status, reason_phrase(status))
+    return line + b"".join(out), framing, keep_alive
+
+
+def simple_response(status: int, body: bytes = b"", *, close: bool = True, content_type: bytes = b"text/plain") -> bytes:
+    """A complete response outside any exchange (e.g. 400 for a malformed request)."""
+    head = b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\n" % (status, reason_phrase(status), len(body))
+    if body:
+        head += b"content-type: %b\r\n" % content_type
+    if close:
+        head += b"connection: close\r\n"
+    return head + CRLF + body

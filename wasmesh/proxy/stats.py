@@ -1,0 +1,163 @@
+"""Proxy counters and histograms, rendered in the Prometheus text format.
+
+Plain ints and lists updated on the loop (one worker = one thread), so the hot
+path pays an attribute increment, not a registry lookup.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+
+# Envoy's default histogram buckets (milliseconds).
+DEFAULT_BUCKETS_MS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000,
+)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS_MS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self, name: str, labels: str) -> Iterable[str]:
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            cumulative += n
+            yield f'{name}_bucket{{{labels}{sep}le="{_fmt(bound)}"}} {cumulative}'
+        cumulative += self.counts[-1]
+        yield f'{name}_bucket{{{labels}{sep}le="+Inf"}} {cumulative}'
+        yield f"{name}_sum{{{labels}}} {_fmt(self.total)}"
+        yield f"{name}_count{{{labels}}} {self.count}"
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class ListenerStats:
+    __slots__ = ("name", "cx_total", "cx_active", "rq_total", "rq_active", "rq_by_class", "rq_time", "cx_protocol_error")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cx_total = 0
+        self.cx_active = 0
+        self.rq_total = 0
+        self.rq_active = 0
+        self.cx_protocol_error = 0
+        self.rq_by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 = no response)
+        self.rq_time = Histogram()
+
+
+class UpstreamStats:
+    __slots__ = ("rq_by_class", "rq_time", "rq_timeout", "rq_reset")
+
+    def __init__(self) -> None:
+        self.rq_by_class = [0, 0, 0, 0, 0, 0]
+        self.rq_time = Histogram()
+        self.rq_timeout = 0
+        self.rq_reset = 0
+
+
+class ProxyStats:
+    def __init__(self) -> None:
+        self.listeners: dict[str, ListenerStats] = {}
+        self.upstream: dict[str, UpstreamStats] = {}
+        self.config_reload_total = 0
+        self.config_reload_failed = 0
+        self.plugin_chain_swaps = 0
+
+    def listener(self, name: str) -> ListenerStats:
+        s = self.listeners.get(name)
+        if s is None:
+            s = self.listeners[name] = ListenerStats(name)
+        return s
+
+    def cluster(self, name: str) -> UpstreamStats:
+        s = self.upstream.get(name)
+        if s is None:
+            s = self.upstream[name] = UpstreamStats()
+        return s
+
+    def render(self, cluster_gauges: dict[str, tuple[int, int, int, int]] | None = None, worker: str = "") -> str:
+        """Prometheus text; ``cluster_gauges`` maps cluster -> (cx_total, cx_active, connect_fail, connect_timeout)."""
+        w = f'worker="{_esc(worker)}",' if worker else ""
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("wasmesh_downstream_cx_total", "counter", "Downstream connections accepted.")
+        for s in self.listeners.values():
+            out.append(f'wasmesh_downstream_cx_total{{{w}listener="{_esc(s.name)}"}} {s.cx_total}')
+        family("wasmesh_downstream_cx_active", "gauge", "Open downstream connections.")
+        for s in self.listeners.values():
+            out.append(f'wasmesh_downstream_cx_active{{{w}listener="{_esc(s.name)}"}} {s.cx_active}')
+        family("wasmesh_downstream_cx_protocol_error_total", "counter", "Connections closed for malformed HTTP.")
+        for s in self.listeners.values():
+            out.append(f'wasmesh_downstream_cx_protocol_error_total{{{w}listener="{_esc(s.name)}"}} {s.cx_protocol_error}')
+        family("wasmesh_downstream_rq_active", "gauge", "Requests in flight.")
+        for s in self.listeners.values():
+            out.append(f'wasmesh_downstream_rq_active{{{w}listener="{_esc(s.name)}"}} {s.rq_active}')
+        family("wasmesh_downstream_rq_total", "counter", "Completed downstream requests by response code class.")
+        for s in self.listeners.values():
+            for cls, n in enumerate(s.rq_by_class):
+                if cls and n:
+                    out.append(
+                        f'wasmesh_downstream_rq_total{{{w}listener="{_esc(s.name)}",response_code_class="{cls}xx"}} {n}'
+                    )
+            if s.rq_by_class[0]:
+                out.append(
+                    f'wasmesh_downstream_rq_total{{{w}listener="{_esc(s.name)}",response_code_class="none"}} '
+                    f"{s.rq_by_class[0]}"
+                )
+        family("wasmesh_downstream_rq_time_ms", "histogram", "Downstream request duration in milliseconds.")
+        for s in self.listeners.values():
+            out.extend(s.rq_time.render("wasmesh_downstream_rq_time_ms", f'{w}listener="{_esc(s.name)}"'))
+        family("wasmesh_upstream_rq_total", "counter", "Upstream responses by cluster and code class.")
+        for name, u in self.upstream.items():
+            for cls, n in enumerate(u.rq_by_class):
+                if cls and n:
+                    out.append(f'wasmesh_upstream_rq_total{{{w}cluster="{_esc(name)}",response_code_class="{cls}xx"}} {n}')
+        family("wasmesh_upstream_rq_time_ms", "histogram", "Upstream request time (request sent to response end), ms.")
+        for name, u in self.upstream.items():
+            out.extend(u.rq_time.render("wasmesh_upstream_rq_time_ms", f'{w}cluster="{_esc(name)}"'))
+        family("wasmesh_upstream_rq_timeout_total", "counter", "Upstream requests that hit the route timeout.")
+        for name, u in self.upstream.items():
+            out.append(f'wasmesh_upstream_rq_timeout_total{{{w}cluster="{_esc(name)}"}} {u.rq_timeout}')
+        family("wasmesh_upstream_rq_reset_total", "counter", "Upstream requests reset by the connection.")
+        for name, u in self.upstream.items():
+            out.append(f'wasmesh_upstream_rq_reset_total{{{w}cluster="{_esc(name)}"}} {u.rq_reset}')
+        if cluster_gauges:
+            family("wasmesh_upstream_cx_total", "counter", "Upstream connections opened.")
+            for name, g in cluster_gauges.items():
+                out.append(f'wasmesh_upstream_cx_total{{{w}cluster="{_esc(name)}"}} {g[0]}')
+            family("wasmesh_upstream_cx_active", "gauge", "Open upstream connections.")
+            for name, g in cluster_gauges.items():
+                out.append(f'wasmesh_upstream_cx_active{{{w}cluster="{_esc(name)}"}} {g[1]}')
+            family("wasmesh_upstream_cx_connect_fail_total", "counter", "Failed upstream connects (incl. timeouts).")
+            for name, g in cluster_gauges.items():
+                out.append(f'wasmesh_upstream_cx_connect_fail_total{{{w}cluster="{_esc(name)}"}} {g[2]}')
+            family("wasmesh_upstream_cx_connect_timeout_total", "counter", "Upstream connects that timed out.")
+            for name, g in cluster_gauges.items():
+                out.append(f'wasmesh_upstream_cx_connect_timeout_total{{{w}cluster="{_esc(name)}"}} {g[3]}')
+        family("wasmesh_config_reload_total", "counter", "Configuration or plugin chain reloads applied.")
+        out.append(f"wasmesh_config_reload_total{{{w[:-1]}}} {self.config_reload_total}")
+        family("wasmesh_config_reload_failed_total", "counter", "Rejected reloads (old configuration kept).")
+        out.append(f"wasmesh_config_reload_failed_total{{{w[:-1]}}} {self.config_reload_failed}")
+        return "\n".join(out) + "\n"

@@ -1,0 +1,268 @@
+"""Context objects: what every host call acts on (cpp-host's ContextBase, narrowed).
+
+Host calls are written once against ``Context``; the root (plugin) context and the
+per-stream context each override only what they can offer. Anything a context
+cannot offer answers the status Envoy gives in that case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from wasmesh.http.filter import FilterCallbacks
+from wasmesh.http.headers import HeaderMap
+from wasmesh.runtime.abi import BufferType, MapType, StreamType, WasmResult
+from wasmesh.runtime.properties import PropertySource
+
+if TYPE_CHECKING:
+    from wasmesh.runtime.vm import PluginVm
+
+
+@dataclass
+class HttpCallResponse:
+    """An http_call answer, as the HttpCaller hands it back (headers include ``:status``)."""
+
+    headers: HeaderMap
+    body: bytes = b""
+    trailers: HeaderMap = field(default_factory=HeaderMap)
+
+
+@dataclass
+class PluginIdentity:
+    name: str
+    root_id: str
+    vm_id: str
+    configuration: bytes
+    vm_config: bytes
+
+
+class Context:
+    """Base context: only the VM-wide scratch (callout responses, call data)."""
+
+    def __init__(self, vm: PluginVm, context_id: int) -> None:
+        self.vm = vm
+        self.id = context_id
+        self.created = False
+
+    @property
+    def root(self) -> RootContext:
+        raise NotImplementedError
+
+    # -- maps ------------------------------------------------------------------------
+    def header_map(self, map_type: int) -> HeaderMap | None:
+        response = self.vm.http_call_response
+        if response is not None:
+            if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
+                return response.headers
+            if map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+                return response.trailers
+        return None
+
+    def header_map_writable(self, map_type: int) -> bool:
+        return False
+
+    # -- buffers ----------------------------------------------------------------------
+    def buffer(self, buffer_type: int) -> bytes | bytearray | None:
+        if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY and self.vm.http_call_response is not None:
+            return self.vm.http_call_response.body
+        if buffer_type == BufferType.CALL_DATA and self.vm.call_data is not None:
+            return self.vm.call_data
+        return None
+
+    def set_buffer(self, buffer_type: int, start: int, size: int, data: bytes) -> WasmResult:
+        return WasmResult.BAD_ARGUMENT if self.buffer(buffer_type) is not None else WasmResult.NOT_FOUND
+
+    # -- stream control -----------------------------------------------------------------
+    def continue_stream(self, stream_type: int) -> WasmResult:
+        return WasmResult.NOT_FOUND
+
+    def close_stream(self, stream_type: int) -> WasmResult:
+        return WasmResult.NOT_FOUND
+
+    def send_local_response(
+        self, status: int, details: str, body: bytes, headers: list[tuple[bytes, bytes]], grpc_status: int | None
+    ) -> WasmResult:
+        return WasmResult.NOT_FOUND
+
+    def clear_route_cache(self) -> WasmResult:
+        return WasmResult.OK
+
+    def property_source(self) -> PropertySource:
+        root = self.root
+        return PropertySource(
+            plugin_name=root.identity.name,
+            root_id=root.identity.root_id,
+            vm_id=root.identity.vm_id,
+            node=self.vm.services.node,
+            root_state=root.filter_state,
+        )
+
+
+class RootContext(Context):
+    """One per plugin (root_id) on a VM: configuration, timers, callouts, status."""
+
+    def __init__(self, vm: PluginVm, context_id: int, identity: PluginIdentity) -> None:
+        super().__init__(vm, context_id)
+        self.identity = identity
+        self.filter_state: dict[str, bytes] = {}
+        self.tick_period_ms = 0
+        self.tick_handle: Any = None
+        self.status: tuple[int, bytes] = (0, b"")
+        self.pending_http_calls: set[int] = set()
+        self.done_pending = False
+        self.deleted = False
+
+    @property
+    def root(self) -> RootContext:
+        return self
+
+    def buffer(self, buffer_type: int) -> bytes | bytearray | None:
+        if buffer_type == BufferType.VM_CONFIGURATION:
+            return self.identity.vm_config
+        if buffer_type == BufferType.PLUGIN_CONFIGURATION:
+            return self.identity.configuration
+        return super().buffer(buffer_type)
+
+
+class StreamHooks:
+    """What a stream context needs from its filter; the filter implements it."""
+
+    callbacks: FilterCallbacks | None
+    request_headers: HeaderMap | None
+    request_trailers: HeaderMap | None
+    response_headers: HeaderMap | None
+    response_trailers: HeaderMap | None
+    request_body: bytearray | None
+    response_body: bytearray | None
+    # Set while the filter is inside its own decode_*/encode_* call, so a continue
+    # asked for during that call becomes its return value instead of a re-entrant resume.
+    in_decode: bool
+    in_encode: bool
+    resume_now: bool
+    local_reply_sent: bool
+
+
+class StreamContext(Context):
+    """One per HTTP exchange (filter instance)."""
+
+    def __init__(self, vm: PluginVm, context_id: int, root: RootContext, hooks: StreamHooks) -> None:
+        super().__init__(vm, context_id)
+        self._root = root
+        self.hooks = hooks
+
+    @property
+    def root(self) -> RootContext:
+        return self._root
+
+    def _map(self, map_type: int) -> HeaderMap | None:
+        hooks = self.hooks
+        if map_type == MapType.HTTP_REQUEST_HEADERS:
+            return hooks.request_headers
+        if map_type == MapType.HTTP_REQUEST_TRAILERS:
+            return hooks.request_trailers
+        if map_type == MapType.HTTP_RESPONSE_HEADERS:
+            return hooks.response_headers
+        if map_type == MapType.HTTP_RESPONSE_TRAILERS:
+            return hooks.response_trailers
+        return None
+
+    def header_map(self, map_type: int) -> HeaderMap | None:
+        found = self._map(map_type)
+        return found if found is not None else super().header_map(map_type)
+
+    def header_map_writable(self, map_type: int) -> bool:
+        return self._map(map_type) is not None
+
+    def buffer(self, buffer_type: int) -> bytes | bytearray | None:
+        if buffer_type == BufferType.HTTP_REQUEST_BODY:
+            return self.hooks.request_body
+        if buffer_type == BufferType.HTTP_RESPONSE_BODY:
+            return self.hooks.response_body
+        return super().buffer(buffer_type)
+
+    def set_buffer(self, buffer_type: int, start: int, size: int, data: bytes) -> WasmResult:
+        if buffer_type == BufferType.HTTP_REQUEST_BODY:
+            body = self.hooks.request_body
+        elif buffer_type == BufferType.HTTP_RESPONSE_BODY:
+            body = self.hooks.response_body
+        else:
+            return super().set_buffer(buffer_type, start, size, data)
+        if body is None:
+            return WasmResult.NOT_FOUND
+        # Envoy supports only "replace a prefix" (start 0) and "append" (start >= len).
+        if start == 0:
+            del body[: min(size, len(body))]
+            body[0:0] = data
+        elif start >= len(body):
+            body += data
+        else:
+            return WasmResult.BAD_ARGUMENT
+        return WasmResult.OK
+
+    # -- stream control, deferred until the VM call returns (Envoy addAfterVmCallAction) --
+    def continue_stream(self, stream_type: int) -> WasmResult:
+        if stream_type not in (StreamType.HTTP_REQUEST, StreamType.HTTP_RESPONSE):
+            return WasmResult.UNIMPLEMENTED if stream_type == StreamType.UPSTREAM else WasmResult.BAD_ARGUMENT
+        self.vm.defer(lambda: self._resume(stream_type))
+        return WasmResult.OK
+
+    def _resume(self, stream_type: int) -> None:
+        hooks = self.hooks
+        if hooks.callbacks is None or hooks.local_reply_sent:
+            return
+        if stream_type == StreamType.HTTP_REQUEST:
+            if hooks.in_decode:
+                hooks.resume_now = True
+            else:
+                hooks.callbacks.continue_decoding()
+        else:
+            if hooks.in_encode:
+                hooks.resume_now = True
+            else:
+                hooks.callbacks.continue_encoding()
+
+    def close_stream(self, stream_type: int) -> WasmResult:
+        if stream_type > StreamType.UPSTREAM:
+            return WasmResult.BAD_ARGUMENT
+        callbacks = self.hooks.callbacks
+        if callbacks is not None:
+            self.vm.defer(callbacks.reset_stream)
+        return WasmResult.OK
+
+    def send_local_response(
+        self, status: int, details: str, body: bytes, headers: list[tuple[bytes, bytes]], grpc_status: int | None
+    ) -> WasmResult:
+        hooks = self.hooks
+        if hooks.callbacks is None:
+            return WasmResult.NOT_FOUND
+
+        def reply() -> None:
+            if hooks.callbacks is None or hooks.local_reply_sent:
+                return
+            hooks.local_reply_sent = True
+            hooks.callbacks.send_local_reply(status, body, headers, details, grpc_status)
+
+        self.vm.defer(reply)
+        # The callback's own return value is ignored from here on, as in Envoy.
+        self.vm.local_reply_in_call = True
+        return WasmResult.OK
+
+    def clear_route_cache(self) -> WasmResult:
+        callbacks = self.hooks.callbacks
+        if callbacks is not None:
+            callbacks.clear_route_cache()
+        return WasmResult.OK
+
+    def property_source(self) -> PropertySource:
+        source = super().property_source()
+        callbacks = self.hooks.callbacks
+        source.stream_info = callbacks.stream_info if callbacks is not None else None
+        source.request_headers = self.hooks.request_headers
+        source.response_headers = self.hooks.response_headers
+        source.response_trailers = self.hooks.response_trailers
+        return source
+
+
+Action = Callable[[], None]
