@@ -83,14 +83,17 @@ build_as() {
   fi
   local asc="$project/node_modules/.bin/asc"
   [ -x "$asc" ] || die "assemblyscript compiler missing at $asc after npm ci"
-  local source name output
+  local abs_out source name output
+  abs_out=$(cd "$OUT" && pwd)
   for source in "$project"/assembly/*.ts; do
     [ -e "$source" ] || continue
     name=$(basename "$source" .ts)
     output="$OUT/as-$name.wasm"
     up_to_date "$output" "$source" "$project/package-lock.json" "$SCRIPT" && continue
     # abort_proc_exit: the SDK's abort hook, so a failed assertion logs and exits instead of importing env.abort.
-    "$asc" "$source" -b "$output.tmp" --use abort=abort_proc_exit -O3 --noAssert >"$OUT/as-$name.log" 2>&1 \
+    # asc resolves the SDK from node_modules relative to the working directory.
+    (cd "$project" && node_modules/.bin/asc "assembly/$name.ts" -b "$abs_out/as-$name.wasm.tmp" \
+      --use abort=abort_proc_exit -O3 --noAssert) >"$OUT/as-$name.log" 2>&1 \
       || die "asc failed for $source (see $OUT/as-$name.log)"
     mv "$output.tmp" "$output"
     rm -f "$OUT/as-$name.log"

@@ -31,7 +31,7 @@ typedef struct {
   size_t error_size;
 } json_parser;
 
-static void json_free(json *value) {
+static inline void json_free(json *value) {
   while (value) {
     json *next = value->next;
     json_free(value->child);
@@ -42,7 +42,7 @@ static void json_free(json *value) {
   }
 }
 
-static void json_fail(json_parser *p, const char *what) {
+static inline void json_fail(json_parser *p, const char *what) {
   if (p->error[0]) return;
   /* "<what> at byte <pos>" */
   size_t n = strlen(what);
@@ -61,13 +61,13 @@ static void json_fail(json_parser *p, const char *what) {
   p->error[n] = '\0';
 }
 
-static void json_skip_space(json_parser *p) {
+static inline void json_skip_space(json_parser *p) {
   while (p->pos < p->len &&
          (p->text[p->pos] == ' ' || p->text[p->pos] == '\t' || p->text[p->pos] == '\n' || p->text[p->pos] == '\r'))
     p->pos++;
 }
 
-static int json_hex(char c) {
+static inline int json_hex(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
   if (c >= 'A' && c <= 'F') return c - 'A' + 10;
@@ -75,7 +75,7 @@ static int json_hex(char c) {
 }
 
 /* Parses a string literal at p->pos (on the opening quote) into a malloc'd NUL-terminated copy. */
-static char *json_parse_string(json_parser *p, size_t *out_len) {
+static inline char *json_parse_string(json_parser *p, size_t *out_len) {
   p->pos++; /* opening quote */
   char *out = malloc(p->len - p->pos + 1);
   size_t n = 0;
@@ -144,15 +144,15 @@ static char *json_parse_string(json_parser *p, size_t *out_len) {
   return NULL;
 }
 
-static json *json_parse_value(json_parser *p);
+static inline json *json_parse_value(json_parser *p);
 
-static json *json_new(json_kind kind) {
+static inline json *json_new(json_kind kind) {
   json *v = calloc(1, sizeof(json));
   v->kind = kind;
   return v;
 }
 
-static json *json_parse_container(json_parser *p, int is_object) {
+static inline json *json_parse_container(json_parser *p, int is_object) {
   json *container = json_new(is_object ? JSON_OBJECT : JSON_ARRAY);
   json **tail = &container->child;
   char close = is_object ? '}' : ']';
@@ -210,7 +210,7 @@ static json *json_parse_container(json_parser *p, int is_object) {
   }
 }
 
-static int json_literal(json_parser *p, const char *word) {
+static inline int json_literal(json_parser *p, const char *word) {
   size_t n = strlen(word);
   if (p->pos + n <= p->len && memcmp(p->text + p->pos, word, n) == 0) {
     p->pos += n;
@@ -219,7 +219,7 @@ static int json_literal(json_parser *p, const char *word) {
   return 0;
 }
 
-static json *json_parse_value(json_parser *p) {
+static inline json *json_parse_value(json_parser *p) {
   json_skip_space(p);
   if (p->pos >= p->len) {
     json_fail(p, "unexpected end of JSON");
@@ -283,7 +283,7 @@ static json *json_parse_value(json_parser *p) {
 }
 
 /* Parses `text`; NULL on error with the reason in `error`. Empty text parses as an empty object. */
-static json *json_parse(const char *text, size_t len, char *error, size_t error_size) {
+static inline json *json_parse(const char *text, size_t len, char *error, size_t error_size) {
   json_parser p = {text, len, 0, 0, error, error_size};
   error[0] = '\0';
   json_skip_space(&p);
@@ -299,7 +299,7 @@ static json *json_parse(const char *text, size_t len, char *error, size_t error_
   return root;
 }
 
-static json *json_get(const json *object, const char *key) {
+static inline json *json_get(const json *object, const char *key) {
   if (!object || object->kind != JSON_OBJECT) return NULL;
   for (json *m = object->child; m; m = m->next)
     if (m->key && strcmp(m->key, key) == 0) return m;

@@ -10,10 +10,10 @@
 
 #include "proxy_wasm_abi.h"
 
-static void log_message(uint32_t level, const char *message) { proxy_log(level, message, strlen(message)); }
+static inline void log_message(uint32_t level, const char *message) { proxy_log(level, message, strlen(message)); }
 
 /* Logs `prefix` followed by `detail` as one line. */
-static void log_pair(uint32_t level, const char *prefix, const char *detail) {
+static inline void log_pair(uint32_t level, const char *prefix, const char *detail) {
   size_t a = strlen(prefix), b = strlen(detail);
   char *line = malloc(a + b + 1);
   memcpy(line, prefix, a);
@@ -23,7 +23,7 @@ static void log_pair(uint32_t level, const char *prefix, const char *detail) {
 }
 
 /* The plugin configuration as a malloc'd NUL-terminated string ("" when there is none). */
-static char *read_plugin_configuration(uint32_t size) {
+static inline char *read_plugin_configuration(uint32_t size) {
   char *data = NULL;
   size_t len = 0;
   if (size == 0 || proxy_get_buffer_bytes(PW_BUFFER_PLUGIN_CONFIGURATION, 0, size, &data, &len) != PW_OK) {
@@ -39,7 +39,7 @@ static char *read_plugin_configuration(uint32_t size) {
 }
 
 /* A header value as a malloc'd NUL-terminated string, or NULL when the header is absent. */
-static char *get_header_string(uint32_t map, const char *name) {
+static inline char *get_header_string(uint32_t map, const char *name) {
   char *value = NULL;
   size_t len = 0;
   if (proxy_get_header_map_value(map, name, strlen(name), &value, &len) != PW_OK) {
@@ -53,7 +53,7 @@ static char *get_header_string(uint32_t map, const char *name) {
   return text;
 }
 
-static pw_status set_header(uint32_t map, const char *name, const char *value) {
+static inline pw_status set_header(uint32_t map, const char *name, const char *value) {
   return proxy_replace_header_map_value(map, name, strlen(name), value, strlen(value));
 }
 
@@ -64,7 +64,7 @@ typedef struct {
   uint32_t count;
 } header_list;
 
-static void header_list_add(header_list *list, const char *name, const char *value) {
+static inline void header_list_add(header_list *list, const char *name, const char *value) {
   if (list->count < 8) {
     list->names[list->count] = name;
     list->values[list->count] = value;
@@ -72,7 +72,7 @@ static void header_list_add(header_list *list, const char *name, const char *val
   }
 }
 
-static char *header_list_serialize(const header_list *list, size_t *out_len) {
+static inline char *header_list_serialize(const header_list *list, size_t *out_len) {
   size_t total = 4 + 8 * (size_t)list->count;
   for (uint32_t i = 0; i < list->count; i++) total += strlen(list->names[i]) + 1 + strlen(list->values[i]) + 1;
   char *buffer = malloc(total);
@@ -91,7 +91,7 @@ static char *header_list_serialize(const header_list *list, size_t *out_len) {
   return buffer;
 }
 
-static pw_status send_local_reply(uint32_t status, const char *details, const char *body, const header_list *headers) {
+static inline pw_status send_local_reply(uint32_t status, const char *details, const char *body, const header_list *headers) {
   size_t headers_len = 0;
   char *serialized = header_list_serialize(headers, &headers_len);
   pw_status result = proxy_send_local_response(status, details, strlen(details), body, strlen(body), serialized,
@@ -100,14 +100,14 @@ static pw_status send_local_reply(uint32_t status, const char *details, const ch
   return result;
 }
 
-static char *copy_string(const char *text) {
+static inline char *copy_string(const char *text) {
   size_t n = strlen(text);
   char *copy = malloc(n + 1);
   memcpy(copy, text, n + 1);
   return copy;
 }
 
-static void to_lower_ascii(char *text) {
+static inline void to_lower_ascii(char *text) {
   for (; *text; text++)
     if (*text >= 'A' && *text <= 'Z') *text = (char)(*text - 'A' + 'a');
 }

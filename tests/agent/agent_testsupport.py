@@ -36,6 +36,15 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    """Clients that give up early (timeouts under test) are expected: no tracebacks for broken pipes."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -138,8 +147,8 @@ class TokenIssuer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.server = QuietHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -400,9 +409,9 @@ class FaultProxy:
             def do_GET(self) -> None:
                 proxy.handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -448,10 +457,15 @@ class FaultProxy:
             return
         upstream = http.client.HTTPConnection(self.upstream, timeout=30)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "authorization")}
-        upstream.request("GET", request.path, headers=headers)
-        response = upstream.getresponse()
-        body = response.read()
-        upstream.close()
+        try:
+            upstream.request("GET", request.path, headers=headers)
+            response = upstream.getresponse()
+            body = response.read()
+        except OSError:  # the registry went away (end of session) while a delayed request slept
+            self._reply(request, 502, {}, b"")
+            return
+        finally:
+            upstream.close()
         reply_headers = {
             k: v
             for k, v in response.getheaders()
@@ -481,6 +495,70 @@ class FaultProxy:
         request.send_header("Content-Length", str(len(body)))
         request.end_headers()
         request.wfile.write(body)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ------------------------------------------------------------------------------- module server
+
+
+@dataclass
+class Route:
+    body: bytes
+    statuses: list[int] = field(default_factory=list)  # answered (in order) before the body is served
+    delay_s: float = 0.0
+
+
+class ModuleServer:
+    """A plain HTTP server for the http(s) fetcher tests: routes, scripted failures, request counts."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.port = free_port()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.requests[self.path] = server.requests.get(self.path, 0) + 1
+                    route = server.routes.get(self.path)
+                    status = route.statuses.pop(0) if route is not None and route.statuses else 200
+                if route is None:
+                    status = 404
+                elif route.delay_s:
+                    time.sleep(route.delay_s)
+                body = route.body if route is not None and status == 200 else b"failure"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = QuietHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve(self, path: str, body: bytes, statuses: list[int] | None = None, delay_s: float = 0.0) -> str:
+        with self._lock:
+            self.routes[path] = Route(body, list(statuses or []), delay_s)
+            self.requests.pop(path, None)
+        return self.url(path)
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self.requests.get(path, 0)
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -9,6 +9,7 @@ import pytest
 from agent_testsupport import (
     FaultProxy,
     ImageSpec,
+    ModuleServer,
     Registry,
     real_plugin_wasm,
     skopeo_push,
@@ -71,3 +72,10 @@ def fault_proxy(plain_registry: Registry) -> Iterator[FaultProxy]:
     proxy = FaultProxy(plain_registry)
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def module_server() -> Iterator[ModuleServer]:
+    server = ModuleServer()
+    yield server
+    server.stop()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_testsupport import (
     DOCKER_MANIFEST,
     PASSWORD,
     USER,
+    FaultProxy,
     ImageSpec,
     Registry,
     cncf_image,
@@ -23,10 +26,10 @@ from agent_testsupport import (
     wasm_to_oci_image,
 )
 
-from wasmesh.agent.cache import ModuleCache, module_path
+from wasmesh.agent.cache import ModuleCache, ModuleKey, module_name_from_url, module_path
 from wasmesh.agent.errors import FetchError
-from wasmesh.agent.imageformats import ImageFormat
 from wasmesh.agent.imagefetch import prepare_image
+from wasmesh.agent.imageformats import ImageFormat
 from wasmesh.agent.metrics import AgentMetrics
 from wasmesh.agent.oci import ImageReference
 from wasmesh.agent.options import CacheOptions
@@ -36,10 +39,14 @@ pytestmark = pytest.mark.registry
 PushImage = Callable[..., str]
 
 
-def make_cache(tmp_path: Path, **overrides: object) -> ModuleCache:
-    options = CacheOptions(dir=tmp_path / "cache", insecure_registries=frozenset({"*"}),
-                           http_initial_backoff_s=0.01, docker_config_dir=tmp_path / "no-docker-config",
-                           **overrides)  # type: ignore[arg-type]
+def make_cache(tmp_path: Path, **overrides: Any) -> ModuleCache:
+    options = CacheOptions(
+        dir=tmp_path / "cache",
+        insecure_registries=frozenset({"*"}),
+        http_initial_backoff_s=0.01,
+        docker_config_dir=tmp_path / "no-docker-config",
+        **overrides,
+    )
     return ModuleCache(options, AgentMetrics())
 
 
@@ -64,11 +71,12 @@ def test_each_format_pushed_by_skopeo_is_pulled_byte_identical(
     digest = push_image(plain_registry, f"formats/{image_format}", "v1", spec)
     # skopeo must have kept our manifest (and its custom media types) byte for byte.
     served, _ = registry_manifest(plain_registry, f"formats/{image_format}", "v1", spec.manifest_media_type)
-    assert "sha256:" + __import__("hashlib").sha256(served).hexdigest() == digest
+    assert "sha256:" + hashlib.sha256(served).hexdigest() == digest
     assert all(media_type.encode() in served for media_type, _ in spec.layers)
 
-    prepared = prepare_image(ImageReference.parse(f"{plain_registry.host}/formats/{image_format}:v1"),
-                             insecure=True)
+    prepared = prepare_image(
+        ImageReference.parse(f"{plain_registry.host}/formats/{image_format}:v1"), insecure=True
+    )
     assert prepared.wasm_layer().image_format is ImageFormat(image_format)
 
     cache = make_cache(tmp_path)
@@ -86,9 +94,7 @@ def test_each_format_pushed_by_skopeo_is_pulled_byte_identical(
     cache.close()
 
 
-def cache_key_for(url: str, digest: str) -> object:
-    from wasmesh.agent.cache import ModuleKey, module_name_from_url
-
+def cache_key_for(url: str, digest: str) -> ModuleKey:
     return ModuleKey(module_name_from_url(url), digest.removeprefix("sha256:"))
 
 
@@ -96,8 +102,13 @@ def test_docker_v2_compat_image_converted_by_skopeo(
     plain_registry: Registry, push_image: PushImage, tmp_path: Path
 ) -> None:
     wasm = tiny_wasm("docker-v2")
-    push_image(plain_registry, "formats/docker", "v1", compat_image(wasm, "nested/dir/plugin.wasm"),
-               skopeo_args=("--format", "v2s2"))
+    push_image(
+        plain_registry,
+        "formats/docker",
+        "v1",
+        compat_image(wasm, "nested/dir/plugin.wasm"),
+        skopeo_args=("--format", "v2s2"),
+    )
     served, content_type = registry_manifest(plain_registry, "formats/docker", "v1", DOCKER_MANIFEST)
     assert content_type.startswith(DOCKER_MANIFEST)
     assert b"application/vnd.docker.image.rootfs.diff.tar.gzip" in served
@@ -148,8 +159,13 @@ def test_authenticated_registry_with_pull_secret_docker_config_and_bad_credentia
     (docker_dir / "config.json").write_text(
         json.dumps({"auths": {f"http://{registry.host}": {"username": USER, "password": PASSWORD}}})
     )
-    keychain = ModuleCache(CacheOptions(dir=tmp_path / "keychain", insecure_registries=frozenset({registry.host}),
-                                        docker_config_dir=docker_dir))
+    keychain = ModuleCache(
+        CacheOptions(
+            dir=tmp_path / "keychain",
+            insecure_registries=frozenset({registry.host}),
+            docker_config_dir=docker_dir,
+        )
+    )
     assert keychain.get_sync(url).read_bytes() == wasm
     keychain.close()
 
@@ -159,24 +175,27 @@ def test_insecure_registry_list_is_required_for_plain_http(
 ) -> None:
     push_image(plain_registry, "insecure/plugin", "v1", wasm_to_oci_image(tiny_wasm("insecure")))
     url = f"oci://{plain_registry.host}/insecure/plugin:v1"
-    strict = ModuleCache(CacheOptions(dir=tmp_path / "strict", docker_config_dir=tmp_path / "none",
-                                      http_max_retries=1))
+    strict = ModuleCache(
+        CacheOptions(dir=tmp_path / "strict", docker_config_dir=tmp_path / "none", http_max_retries=1)
+    )
     with pytest.raises(FetchError) as error:
         strict.get_sync(url)
     assert error.value.metric_result == "manifest_failure"
     strict.close()
-    listed = ModuleCache(CacheOptions(dir=tmp_path / "listed", insecure_registries=frozenset({plain_registry.host}),
-                                      docker_config_dir=tmp_path / "none"))
+    listed = ModuleCache(
+        CacheOptions(
+            dir=tmp_path / "listed",
+            insecure_registries=frozenset({plain_registry.host}),
+            docker_config_dir=tmp_path / "none",
+        )
+    )
     assert listed.get_sync(url).read_bytes() == tiny_wasm("insecure")
     listed.close()
 
 
 def test_async_get_and_single_flight_over_the_registry(
-    fault_proxy: object, plain_registry: Registry, push_image: PushImage, tmp_path: Path
+    fault_proxy: FaultProxy, plain_registry: Registry, push_image: PushImage, tmp_path: Path
 ) -> None:
-    from agent_testsupport import FaultProxy
-
-    assert isinstance(fault_proxy, FaultProxy)
     wasm = tiny_wasm("single-flight")
     push_image(plain_registry, "flight/plugin", "v1", cncf_image(wasm))
     cache = make_cache(tmp_path)

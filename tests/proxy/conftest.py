@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from proxy_testsupport import EchoServer, LoopThread, StartProxy
 
 from wasmesh.proxy.config import parse_config
-from wasmesh.proxy.server import ChainBuilder, ProxyServer
+from wasmesh.proxy.server import ProxyServer
+from wasmesh.proxy.workers import make_server
 
 
 @pytest.fixture(scope="session")
@@ -33,14 +35,12 @@ def echo_b(loop_thread: LoopThread) -> Iterator[EchoServer]:
     server.stop()
 
 
-
-
 @pytest.fixture
 def start_proxy(loop_thread: LoopThread) -> Iterator[StartProxy]:
     started: list[ProxyServer] = []
 
-    def start(raw: dict[str, Any], chain_builder: ChainBuilder | None = None) -> ProxyServer:
-        proxy = ProxyServer(parse_config(raw), chain_builder=chain_builder)
+    def start(raw: dict[str, Any], source: str = "<inline>") -> ProxyServer:
+        proxy = make_server(parse_config(raw, source=source, base_dir=Path(source).parent), 0, False)
         loop_thread.run(proxy.start())
         started.append(proxy)
         return proxy

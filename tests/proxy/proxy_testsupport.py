@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, cast, TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
@@ -118,7 +118,9 @@ class _EchoProtocol(asyncio.Protocol):
         if path == "/hang":
             return
         if path == "/delay":
-            asyncio.get_running_loop().call_later(int(query.get("ms", "100")) / 1000, self._respond, 200, info, keep_alive)
+            asyncio.get_running_loop().call_later(
+                int(query.get("ms", "100")) / 1000, self._respond, 200, info, keep_alive
+            )
             return
         if path.startswith("/status/"):
             self._respond(int(path.rsplit("/", 1)[1]), info, keep_alive)
@@ -147,8 +149,11 @@ class _EchoProtocol(asyncio.Protocol):
         self._respond(200, info, keep_alive)
 
     def _head(self, status: int, headers: list[tuple[str, str]], keep_alive: bool) -> bytes:
-        lines = [f"HTTP/1.1 {status} X\r\n", f"x-upstream-name: {self.server.name}\r\n",
-                 f"x-upstream-conn: {self.conn_no}\r\n"]
+        lines = [
+            f"HTTP/1.1 {status} X\r\n",
+            f"x-upstream-name: {self.server.name}\r\n",
+            f"x-upstream-conn: {self.conn_no}\r\n",
+        ]
         lines += [f"{k}: {v}\r\n" for k, v in headers]
         if not keep_alive:
             lines.append("connection: close\r\n")
@@ -257,12 +262,17 @@ def simple_config(upstream_port: int, **route_extra: Any) -> dict[str, Any]:
                 "address": "127.0.0.1",
                 "port": 0,
                 "virtual_hosts": [
-                    {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "cluster": "backend",
-                                                                  **route_extra}]}
+                    {
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "cluster": "backend", **route_extra}],
+                    }
                 ],
             }
         ],
-        "clusters": [{"name": "backend", "endpoints": [f"127.0.0.1:{upstream_port}"], "connect_timeout": "1s"}],
+        "clusters": [
+            {"name": "backend", "endpoints": [f"127.0.0.1:{upstream_port}"], "connect_timeout": "1s"}
+        ],
     }
 
 

@@ -153,9 +153,10 @@ def test_malformed_request_gets_400_and_worker_survives(start_proxy: StartProxy,
 
 def test_pipelined_requests_answered_in_order(start_proxy: StartProxy, echo: EchoServer) -> None:
     proxy = start_proxy(simple_config(echo.port))
-    payload = b"".join(
-        b"GET /delay?ms=%d&i=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (50 - i * 10, i) for i in range(4)
-    ) + b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n"
+    payload = (
+        b"".join(b"GET /delay?ms=%d&i=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (50 - i * 10, i) for i in range(4))
+        + b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     out = raw_exchange(_port(proxy), payload)
     positions = [out.find(b"i=%d" % i) for i in range(4)]
     assert all(p > 0 for p in positions) and positions == sorted(positions)
@@ -183,7 +184,9 @@ def test_expect_continue(start_proxy: StartProxy, echo: EchoServer) -> None:
     assert b'"body_len": 5' in rest
 
 
-def test_client_gone_mid_body_frees_upstream(start_proxy: StartProxy, echo: EchoServer, loop_thread: LoopThread) -> None:
+def test_client_gone_mid_body_frees_upstream(
+    start_proxy: StartProxy, echo: EchoServer, loop_thread: LoopThread
+) -> None:
     proxy = start_proxy(simple_config(echo.port))
     with socket.create_connection(("127.0.0.1", _port(proxy)), timeout=5) as s:
         s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)

@@ -190,12 +190,15 @@ class ModuleCache:
                 self._lead_fetch, future, request, checksum, private_hit, deadline, on_progress
             )
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
+            path = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
         except TimeoutError:
             raise FetchError(
                 f"wasm module {request.url} was not fetched within {timeout_s:g} s",
                 FetchResult.DOWNLOAD_FAILURE,
             ) from None
+        if not leader:
+            self._record_shared_result(request, path)
+        return path
 
     def get_sync(
         self,
@@ -220,12 +223,15 @@ class ModuleCache:
                 future, request, checksum, private_hit, time.monotonic() + timeout_s, on_progress
             )
         try:
-            return future.result(timeout=timeout_s)
+            path = future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
             raise FetchError(
                 f"wasm module {request.url} was not fetched within {timeout_s:g} s",
                 FetchResult.DOWNLOAD_FAILURE,
             ) from None
+        if not leader:
+            self._record_shared_result(request, path)
+        return path
 
     def release(self, resource_name: str) -> None:
         """The resource no longer exists: its module may expire again."""
@@ -348,6 +354,14 @@ class ModuleCache:
         private_hit = entry.private and request.image is not None
         return entry.path, checksum, private_hit
 
+    def _record_shared_result(self, request: ModuleRequest, path: Path) -> None:
+        """A follower of a shared download records its own resource version and claim, as a lookup would."""
+        with self._lock:
+            entry = self._modules.get(ModuleKey(request.name, path.stem))
+            if entry is not None:
+                entry.last_used = time.time()
+                self._remember_locked(request, path.stem, entry)
+
     def _join_flight(self, request: ModuleRequest) -> tuple[concurrent.futures.Future[Path], bool]:
         with self._lock:
             existing = self._in_flight.get(request.flight_key)
@@ -422,7 +436,7 @@ class ModuleCache:
         else:
             try:
                 if request.scheme == "file":
-                    data = fetch_file(request.url, self.options.max_module_bytes)
+                    data = fetch_file(request.url, self.options.max_module_bytes, self.options.file_base_dir)
                 else:
                     data = self._http.fetch(
                         request.url, insecure=request.insecure, deadline=deadline, on_progress=on_progress

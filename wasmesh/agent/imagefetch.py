@@ -72,7 +72,12 @@ def prepare_image(
     """Resolve ``reference`` to its manifest; FetchError(manifest_failure) if that fails."""
     credential = docker_config_for(pull_secret, docker_config_dir).lookup(reference.registry)
     client = RegistryClient(
-        reference.registry, credential, insecure=insecure, request_timeout_s=request_timeout_s
+        reference.registry,
+        credential,
+        insecure=insecure,
+        request_timeout_s=request_timeout_s,
+        max_attempts=max_attempts,
+        initial_backoff_s=initial_backoff_s,
     )
     manifest = resolve_manifest(client, reference, deadline)
     return PreparedImage(reference, manifest, client, max_bytes)

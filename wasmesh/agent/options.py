@@ -39,6 +39,8 @@ class CacheOptions:
     # Where Docker credentials are read when a request carries no pull secret; None = $DOCKER_CONFIG
     # or ~/.docker, resolved at request time.
     docker_config_dir: Path | None = None
+    # Base of relative ``file://`` URLs (``file://plugins/x.wasm``); None rejects relative file URLs.
+    file_base_dir: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", Path(self.dir))
@@ -59,7 +61,9 @@ class CacheOptions:
         return "*" in self.insecure_registries or host in self.insecure_registries
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> CacheOptions:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None
+    ) -> CacheOptions:
         """Options from Istio's agent variables (WASM_INSECURE_REGISTRIES, WASM_MODULE_EXPIRY, ...).
 
         Durations accept Go syntax (``24h``, ``500ms``, ``1h30m``) or plain seconds.
@@ -87,7 +91,7 @@ class CacheOptions:
                     values[attribute] = int(source[variable])
                 except ValueError:
                     raise ValueError(f"{variable}: not an integer: {source[variable]!r}") from None
-        values.update(overrides)
+        values.update(overrides or {})
         return cls(**values)  # type: ignore[arg-type]
 
 

@@ -325,6 +325,9 @@ class FilterManager:
             self._create_chain()
             resp.headers = headers
             resp.source_complete = end_stream
+            # Envoy's router records these when upstream headers arrive, before any encoder runs.
+            self._record_response_code(headers)
+            self.stream_info.response_code_details = "via_upstream"
             self._iterate_headers(resp, 0, end_stream)
 
     def on_response_data(self, chunk: bytes, end_stream: bool) -> None:
@@ -482,12 +485,13 @@ class FilterManager:
             self.upstream_started = True
             self._sink.upstream_request_headers(headers, end_stream)
         else:
-            status = headers.get(b":status")
-            if status is not None and status.isdigit():
-                self.stream_info.response_code = int(status)
-            if self.stream_info.response_code_details is None:
-                self.stream_info.response_code_details = "via_upstream"
+            self._record_response_code(headers)
             self._sink.downstream_response_headers(headers, end_stream)
+
+    def _record_response_code(self, headers: HeaderMap) -> None:
+        status = headers.get(b":status")
+        if status is not None and status.isdigit():
+            self.stream_info.response_code = int(status)
 
     # Data -------------------------------------------------------------------
     def _iterate_data(self, d: _Direction, start: int, data: bytearray, end_stream: bool) -> None:
@@ -688,6 +692,7 @@ class FilterManager:
         self.local_reply_sent = True
         self.stream_info.response_code_details = details
         headers, body = self._local_reply_message(status, body, extra_headers, grpc_status)
+        self._record_response_code(headers)
         end_stream = not body
         if resp.headers is None:
             # The response has not started: through the encoder filters.

@@ -136,7 +136,7 @@ class ProxyConfig:
 # --------------------------------------------------------------------------- helpers
 
 
-class _Ctx:
+class ConfigContext:
     """Field-path bookkeeping so errors name exactly where they are."""
 
     def __init__(self, source: str) -> None:
@@ -149,7 +149,7 @@ class _Ctx:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
-def parse_duration(value: object, ctx: _Ctx, path: str) -> float:
+def parse_duration(value: object, ctx: ConfigContext, path: str) -> float:
     """Seconds from ``5``, ``2.5``, ``"250ms"``, ``"5s"``, ``"1m"`` (Envoy durations are non-negative)."""
     if isinstance(value, bool):
         raise ctx.error(path, "expected a duration like 5s or 250ms")
@@ -165,7 +165,7 @@ def parse_duration(value: object, ctx: _Ctx, path: str) -> float:
     raise ctx.error(path, f"expected a duration like 5s or 250ms, got {value!r}")
 
 
-def _mapping(value: object, ctx: _Ctx, path: str) -> dict[str, Any]:
+def _mapping(value: object, ctx: ConfigContext, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ctx.error(path, f"expected a mapping, got {type(value).__name__}")
     for k in value:
@@ -174,38 +174,40 @@ def _mapping(value: object, ctx: _Ctx, path: str) -> dict[str, Any]:
     return value
 
 
-def _list(value: object, ctx: _Ctx, path: str) -> list[Any]:
+def _list(value: object, ctx: ConfigContext, path: str) -> list[Any]:
     if not isinstance(value, list):
         raise ctx.error(path, f"expected a list, got {type(value).__name__}")
     return value
 
 
-def _str(value: object, ctx: _Ctx, path: str, *, allow_empty: bool = False) -> str:
+def _str(value: object, ctx: ConfigContext, path: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str) or (not value and not allow_empty):
         raise ctx.error(path, "expected a non-empty string")
     return value
 
 
-def _bool(value: object, ctx: _Ctx, path: str) -> bool:
+def _bool(value: object, ctx: ConfigContext, path: str) -> bool:
     if not isinstance(value, bool):
         raise ctx.error(path, "expected true or false")
     return value
 
 
-def _port(value: object, ctx: _Ctx, path: str) -> int:
+def _port(value: object, ctx: ConfigContext, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ctx.error(path, f"expected an integer port 0-65535, got {value!r}")
     return value
 
 
-def _check_keys(d: dict[str, Any], allowed: set[str], ctx: _Ctx, path: str) -> None:
+def _check_keys(d: dict[str, Any], allowed: set[str], ctx: ConfigContext, path: str) -> None:
     unknown = sorted(set(d) - allowed)
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ctx.error(where, f"unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
-def parse_host_port(value: str, ctx: _Ctx, path: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_host_port(
+    value: str, ctx: ConfigContext, path: str, default_port: int | None = None
+) -> tuple[str, int]:
     """``host:port``, ``[v6]:port`` or (with a default) ``host``."""
     text = value.strip()
     if text.startswith("["):
@@ -229,7 +231,7 @@ def parse_host_port(value: str, ctx: _Ctx, path: str, default_port: int | None =
 # --------------------------------------------------------------------------- parsing
 
 
-def _parse_header_match(raw: object, ctx: _Ctx, path: str) -> HeaderMatch:
+def _parse_header_match(raw: object, ctx: ConfigContext, path: str) -> HeaderMatch:
     d = _mapping(raw, ctx, path)
     _check_keys(d, {"name", "exact", "prefix", "regex", "present", "invert"}, ctx, path)
     name = _str(d.get("name"), ctx, f"{path}.name").lower()
@@ -249,17 +251,20 @@ def _parse_header_match(raw: object, ctx: _Ctx, path: str) -> HeaderMatch:
     )
 
 
-def _compile_regex(pattern: str, ctx: _Ctx, path: str) -> re.Pattern[str]:
+def _compile_regex(pattern: str, ctx: ConfigContext, path: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
         raise ctx.error(path, f"invalid regex: {exc}") from None
 
 
-def _parse_route(raw: object, ctx: _Ctx, path: str, index: int) -> RouteConfig:
+def _parse_route(raw: object, ctx: ConfigContext, path: str, index: int) -> RouteConfig:
     d = _mapping(raw, ctx, path)
     _check_keys(
-        d, {"name", "match", "cluster", "timeout", "prefix_rewrite", "host_rewrite", "direct_response"}, ctx, path
+        d,
+        {"name", "match", "cluster", "timeout", "prefix_rewrite", "host_rewrite", "direct_response"},
+        ctx,
+        path,
     )
     m = _mapping(d.get("match", {"prefix": "/"}), ctx, f"{path}.match")
     _check_keys(m, {"prefix", "exact", "path", "regex", "headers"}, ctx, f"{path}.match")
@@ -287,7 +292,9 @@ def _parse_route(raw: object, ctx: _Ctx, path: str, index: int) -> RouteConfig:
         status = dr.get("status")
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise ctx.error(f"{path}.direct_response.status", "expected an HTTP status 100-599")
-        direct = DirectResponse(status, _str(dr.get("body", ""), ctx, f"{path}.direct_response.body", allow_empty=True))
+        direct = DirectResponse(
+            status, _str(dr.get("body", ""), ctx, f"{path}.direct_response.body", allow_empty=True)
+        )
     cluster = d.get("cluster")
     if cluster is None and direct is None:
         raise ctx.error(f"{path}.cluster", "required (or give direct_response)")
@@ -304,14 +311,16 @@ def _parse_route(raw: object, ctx: _Ctx, path: str, index: int) -> RouteConfig:
     )
 
 
-def _parse_domain(raw: object, ctx: _Ctx, path: str) -> str:
+def _parse_domain(raw: object, ctx: ConfigContext, path: str) -> str:
     domain = _str(raw, ctx, path).lower()
-    if domain != "*" and (domain.count("*") > 1 or ("*" in domain and not (domain[0] == "*" or domain[-1] == "*"))):
+    if domain != "*" and (
+        domain.count("*") > 1 or ("*" in domain and not (domain[0] == "*" or domain[-1] == "*"))
+    ):
         raise ctx.error(path, f"wildcard must be a prefix or suffix of the domain, got {domain!r}")
     return domain
 
 
-def _parse_virtual_host(raw: object, ctx: _Ctx, path: str, index: int) -> VirtualHostConfig:
+def _parse_virtual_host(raw: object, ctx: ConfigContext, path: str, index: int) -> VirtualHostConfig:
     d = _mapping(raw, ctx, path)
     _check_keys(d, {"name", "domains", "routes"}, ctx, path)
     domains = tuple(
@@ -319,19 +328,31 @@ def _parse_virtual_host(raw: object, ctx: _Ctx, path: str, index: int) -> Virtua
         for i, x in enumerate(_list(d.get("domains", ["*"]), ctx, f"{path}.domains"))
     )
     routes = tuple(
-        _parse_route(r, ctx, f"{path}.routes[{i}]", i) for i, r in enumerate(_list(d.get("routes"), ctx, f"{path}.routes"))
+        _parse_route(r, ctx, f"{path}.routes[{i}]", i)
+        for i, r in enumerate(_list(d.get("routes"), ctx, f"{path}.routes"))
     )
-    return VirtualHostConfig(name=_str(d.get("name", f"vhost-{index}"), ctx, f"{path}.name"), domains=domains, routes=routes)
+    return VirtualHostConfig(
+        name=_str(d.get("name", f"vhost-{index}"), ctx, f"{path}.name"), domains=domains, routes=routes
+    )
 
 
 _DIRECTIONS = {"UNSPECIFIED": 0, "INBOUND": 1, "OUTBOUND": 2}
 
 
-def _parse_listener(raw: object, ctx: _Ctx, path: str, index: int) -> ListenerConfig:
+def _parse_listener(raw: object, ctx: ConfigContext, path: str, index: int) -> ListenerConfig:
     d = _mapping(raw, ctx, path)
     _check_keys(
         d,
-        {"name", "address", "port", "virtual_hosts", "plugins", "use_remote_address", "generate_request_id", "direction"},
+        {
+            "name",
+            "address",
+            "port",
+            "virtual_hosts",
+            "plugins",
+            "use_remote_address",
+            "generate_request_id",
+            "direction",
+        },
         ctx,
         path,
     )
@@ -344,7 +365,8 @@ def _parse_listener(raw: object, ctx: _Ctx, path: str, index: int) -> ListenerCo
     plugins: tuple[str, ...] | None = None
     if d.get("plugins") is not None:
         plugins = tuple(
-            _str(p, ctx, f"{path}.plugins[{i}]") for i, p in enumerate(_list(d["plugins"], ctx, f"{path}.plugins"))
+            _str(p, ctx, f"{path}.plugins[{i}]")
+            for i, p in enumerate(_list(d["plugins"], ctx, f"{path}.plugins"))
         )
     direction = str(d.get("direction", "UNSPECIFIED")).upper()
     if direction not in _DIRECTIONS:
@@ -361,9 +383,11 @@ def _parse_listener(raw: object, ctx: _Ctx, path: str, index: int) -> ListenerCo
     )
 
 
-def _parse_cluster(raw: object, ctx: _Ctx, path: str) -> ClusterConfig:
+def _parse_cluster(raw: object, ctx: ConfigContext, path: str) -> ClusterConfig:
     d = _mapping(raw, ctx, path)
-    _check_keys(d, {"name", "endpoints", "connect_timeout", "idle_timeout", "max_idle_per_endpoint"}, ctx, path)
+    _check_keys(
+        d, {"name", "endpoints", "connect_timeout", "idle_timeout", "max_idle_per_endpoint"}, ctx, path
+    )
     endpoints: list[tuple[str, int]] = []
     for i, e in enumerate(_list(d.get("endpoints"), ctx, f"{path}.endpoints")):
         epath = f"{path}.endpoints[{i}]"
@@ -372,7 +396,12 @@ def _parse_cluster(raw: object, ctx: _Ctx, path: str) -> ClusterConfig:
         else:
             em = _mapping(e, ctx, epath)
             _check_keys(em, {"address", "port"}, ctx, epath)
-            endpoints.append((_str(em.get("address"), ctx, f"{epath}.address"), _port(em.get("port"), ctx, f"{epath}.port")))
+            endpoints.append(
+                (
+                    _str(em.get("address"), ctx, f"{epath}.address"),
+                    _port(em.get("port"), ctx, f"{epath}.port"),
+                )
+            )
     if not endpoints:
         raise ctx.error(f"{path}.endpoints", "at least one endpoint is required")
     max_idle = d.get("max_idle_per_endpoint", DEFAULT_MAX_IDLE_PER_ENDPOINT)
@@ -381,13 +410,17 @@ def _parse_cluster(raw: object, ctx: _Ctx, path: str) -> ClusterConfig:
     return ClusterConfig(
         name=_str(d.get("name"), ctx, f"{path}.name"),
         endpoints=tuple(endpoints),
-        connect_timeout_s=parse_duration(d.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S), ctx, f"{path}.connect_timeout"),
-        idle_timeout_s=parse_duration(d.get("idle_timeout", DEFAULT_IDLE_TIMEOUT_S), ctx, f"{path}.idle_timeout"),
+        connect_timeout_s=parse_duration(
+            d.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S), ctx, f"{path}.connect_timeout"
+        ),
+        idle_timeout_s=parse_duration(
+            d.get("idle_timeout", DEFAULT_IDLE_TIMEOUT_S), ctx, f"{path}.idle_timeout"
+        ),
         max_idle_per_endpoint=max_idle,
     )
 
 
-def load_plugin_documents(path: Path, ctx: _Ctx, field_path: str) -> list[PluginResource]:
+def load_plugin_documents(path: Path, ctx: ConfigContext, field_path: str) -> list[PluginResource]:
     """WasmPlugin documents from a YAML file or every *.yaml/*.yml file of a directory."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -414,7 +447,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _parse_plugins(raw: object, ctx: _Ctx, base_dir: Path) -> tuple[list[PluginResource], list[str]]:
+def _parse_plugins(raw: object, ctx: ConfigContext, base_dir: Path) -> tuple[list[PluginResource], list[str]]:
     resources: list[PluginResource] = []
     watched: list[str] = []
     for i, p in enumerate(_list(raw, ctx, "plugins")):
@@ -434,13 +467,19 @@ def _parse_plugins(raw: object, ctx: _Ctx, base_dir: Path) -> tuple[list[PluginR
 
 
 def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = None) -> ProxyConfig:
-    ctx = _Ctx(source)
+    ctx = ConfigContext(source)
     d = _mapping(raw, ctx, "")
-    _check_keys(d, {"listeners", "clusters", "plugins", "admin", "node", "cache", "reload", "drain_timeout"}, ctx, "")
-    listeners = tuple(
-        _parse_listener(x, ctx, f"listeners[{i}]", i) for i, x in enumerate(_list(d.get("listeners"), ctx, "listeners"))
+    _check_keys(
+        d, {"listeners", "clusters", "plugins", "admin", "node", "cache", "reload", "drain_timeout"}, ctx, ""
     )
-    clusters = tuple(_parse_cluster(x, ctx, f"clusters[{i}]") for i, x in enumerate(_list(d.get("clusters", []), ctx, "clusters")))
+    listeners = tuple(
+        _parse_listener(x, ctx, f"listeners[{i}]", i)
+        for i, x in enumerate(_list(d.get("listeners"), ctx, "listeners"))
+    )
+    clusters = tuple(
+        _parse_cluster(x, ctx, f"clusters[{i}]")
+        for i, x in enumerate(_list(d.get("clusters", []), ctx, "clusters"))
+    )
     seen: set[str] = set()
     for i, c in enumerate(clusters):
         if c.name in seen:
@@ -455,29 +494,34 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
             for ri, r in enumerate(vh.routes):
                 if r.cluster is not None and r.cluster not in seen:
                     raise ctx.error(
-                        f"listeners[{li}].virtual_hosts[{vi}].routes[{ri}].cluster", f"unknown cluster {r.cluster!r}"
+                        f"listeners[{li}].virtual_hosts[{vi}].routes[{ri}].cluster",
+                        f"unknown cluster {r.cluster!r}",
                     )
     admin: AdminConfig | None = None
     if d.get("admin") is not None:
         a = _mapping(d["admin"], ctx, "admin")
         _check_keys(a, {"address", "port"}, ctx, "admin")
-        admin = AdminConfig(_str(a.get("address", "127.0.0.1"), ctx, "admin.address"), _port(a.get("port"), ctx, "admin.port"))
+        admin = AdminConfig(
+            _str(a.get("address", "127.0.0.1"), ctx, "admin.address"), _port(a.get("port"), ctx, "admin.port")
+        )
     cache = CacheConfig()
     if d.get("cache") is not None:
-        c = _mapping(d["cache"], ctx, "cache")
-        _check_keys(c, {"dir", "insecure_registries"}, ctx, "cache")
+        cache_raw = _mapping(d["cache"], ctx, "cache")
+        _check_keys(cache_raw, {"dir", "insecure_registries"}, ctx, "cache")
         cache = CacheConfig(
-            dir=_str(c["dir"], ctx, "cache.dir") if c.get("dir") is not None else None,
+            dir=_str(cache_raw["dir"], ctx, "cache.dir") if cache_raw.get("dir") is not None else None,
             insecure_registries=tuple(
                 _str(r, ctx, f"cache.insecure_registries[{i}]")
-                for i, r in enumerate(_list(c.get("insecure_registries", []), ctx, "cache.insecure_registries"))
+                for i, r in enumerate(
+                    _list(cache_raw.get("insecure_registries", []), ctx, "cache.insecure_registries")
+                )
             ),
         )
     reload_poll = 1.0
     if d.get("reload") is not None:
-        r = _mapping(d["reload"], ctx, "reload")
-        _check_keys(r, {"poll_interval"}, ctx, "reload")
-        reload_poll = parse_duration(r.get("poll_interval", 1.0), ctx, "reload.poll_interval")
+        reload_raw = _mapping(d["reload"], ctx, "reload")
+        _check_keys(reload_raw, {"poll_interval"}, ctx, "reload")
+        reload_poll = parse_duration(reload_raw.get("poll_interval", 1.0), ctx, "reload.poll_interval")
     plugins, watched = _parse_plugins(d.get("plugins", []), ctx, base_dir or Path.cwd())
     node = _mapping(d.get("node", {}), ctx, "node")
     return ProxyConfig(

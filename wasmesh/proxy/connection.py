@@ -68,7 +68,9 @@ class Listener:
 
     async def start(self, reuse_port: bool = False, sock: Any = None) -> None:
         if sock is not None:
-            self.server = await self.loop.create_server(lambda: DownstreamConnection(self), sock=sock, backlog=2048)
+            self.server = await self.loop.create_server(
+                lambda: DownstreamConnection(self), sock=sock, backlog=2048
+            )
         else:
             self.server = await self.loop.create_server(
                 lambda: DownstreamConnection(self),
@@ -137,10 +139,8 @@ class DownstreamConnection(asyncio.Protocol):
             self._protocol_error(str(exc))
 
     def eof_received(self) -> bool | None:
-        # Half-close from the client: HTTP/1.1 has no use for it; a pending response may still be written.
-        if self.current is None:
-            return False
-        return True
+        # Like Envoy's HTTP/1 codec, a client half-close ends the connection (and resets its exchanges).
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -171,7 +171,9 @@ class DownstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ RequestHandler (parser events)
 
-    def on_request_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool) -> None:
+    def on_request_headers(
+        self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool
+    ) -> None:
         ex = ProxyExchange(self, self.listener, keep_alive, http10)
         self.receiving = ex
         if self.current is None:
@@ -252,8 +254,8 @@ class DownstreamConnection(asyncio.Protocol):
                 if nxt.done:
                     break
                 if kind == _EV_HEADERS:
-                    headers, end_stream = payload  # type: ignore[misc]
-                    self._guard(nxt, nxt.start, headers, end_stream)
+                    assert isinstance(payload, tuple)
+                    self._guard(nxt, nxt.start, payload[0], payload[1])
                 elif kind == _EV_BODY:
                     self._guard(nxt, nxt.request_body, payload)
                 else:

@@ -50,14 +50,40 @@ BUFFER_LIMIT = 1 << 20  # per-filter buffering limit, Envoy's default per_connec
 
 class ProxyExchange:
     __slots__ = (
-        "conn", "listener", "keep_alive", "http10", "info", "fm", "chain", "done", "deferred",
-        "request_received", "head_request", "upstream", "upstream_chunked", "pending", "pending_bytes",
-        "request_sent", "upstream_started_ns", "upstream_response_started", "upstream_complete",
-        "response_body_expected", "held_response_headers", "timer", "response_started", "response_framing",
-        "response_keep_alive", "upstream_failed", "cluster_name", "route_timeout_s", "upstream_status",
+        "conn",
+        "listener",
+        "keep_alive",
+        "http10",
+        "info",
+        "fm",
+        "chain",
+        "done",
+        "deferred",
+        "request_received",
+        "head_request",
+        "upstream",
+        "upstream_chunked",
+        "pending",
+        "pending_bytes",
+        "request_sent",
+        "upstream_started_ns",
+        "upstream_response_started",
+        "upstream_complete",
+        "response_body_expected",
+        "held_response_headers",
+        "timer",
+        "response_started",
+        "response_framing",
+        "response_keep_alive",
+        "upstream_failed",
+        "cluster_name",
+        "route_timeout_s",
+        "upstream_status",
     )
 
-    def __init__(self, conn: DownstreamConnection, listener: Listener, keep_alive: bool, http10: bool) -> None:
+    def __init__(
+        self, conn: DownstreamConnection, listener: Listener, keep_alive: bool, http10: bool
+    ) -> None:
         self.conn = conn
         self.listener = listener
         self.keep_alive = keep_alive
@@ -342,7 +368,11 @@ class ProxyExchange:
             info.response_code = 502
         keep_alive = self.keep_alive and not self.conn.draining
         head, framing, keep_alive = encode_response_head(
-            headers, end_stream=end_stream, keep_alive=keep_alive, http10=self.http10, head_request=self.head_request
+            headers,
+            end_stream=end_stream,
+            keep_alive=keep_alive,
+            http10=self.http10,
+            head_request=self.head_request,
         )
         self.response_framing = framing
         self.response_keep_alive = keep_alive

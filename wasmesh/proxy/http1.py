@@ -47,7 +47,9 @@ class BadMessage(ValueError):
 class RequestHandler(Protocol):
     """What ``RequestParser`` reports; the proxy's connection implements it."""
 
-    def on_request_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool) -> None: ...
+    def on_request_headers(
+        self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool
+    ) -> None: ...
 
     def on_request_body(self, data: bytes) -> None: ...
 
@@ -144,7 +146,16 @@ class ResponseHandler(Protocol):
 class ResponseParser:
     """Parses one connection's responses. ``expect_no_body()`` before a HEAD request's answer."""
 
-    __slots__ = ("_handler", "_parser", "_pairs", "_no_body", "_body_expected", "_done", "_headers_done", "_eof_body")
+    __slots__ = (
+        "_handler",
+        "_parser",
+        "_pairs",
+        "_no_body",
+        "_body_expected",
+        "_done",
+        "_headers_done",
+        "_eof_body",
+    )
 
     def __init__(self, handler: ResponseHandler) -> None:
         self._handler = handler
@@ -217,7 +228,9 @@ class ResponseParser:
             # 1xx interim responses are not forwarded (Envoy drops them unless configured); 101 is refused.
             return
         keep_alive = self._parser.should_keep_alive() and not self._eof_body
-        self._handler.on_response_headers(HeaderMap.from_lowercase(self._pairs), not self._body_expected, keep_alive)
+        self._handler.on_response_headers(
+            HeaderMap.from_lowercase(self._pairs), not self._body_expected, keep_alive
+        )
 
     def on_body(self, body: bytes) -> None:
         self._handler.on_response_body(body)
@@ -314,7 +327,9 @@ def encode_response_head(
     return line + b"".join(out), framing, keep_alive
 
 
-def simple_response(status: int, body: bytes = b"", *, close: bool = True, content_type: bytes = b"text/plain") -> bytes:
+def simple_response(
+    status: int, body: bytes = b"", *, close: bool = True, content_type: bytes = b"text/plain"
+) -> bytes:
     """A complete response outside any exchange (e.g. 400 for a malformed request)."""
     head = b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\n" % (status, reason_phrase(status), len(body))
     if body:

@@ -67,7 +67,11 @@ class PassThroughFilterManager:
         body = _local_reply_body(status, details)
         self._info.response_code_details = details
         headers = HeaderMap.from_lowercase(
-            [(b":status", b"%d" % status), (b"content-length", b"%d" % len(body)), (b"content-type", b"text/plain")]
+            [
+                (b":status", b"%d" % status),
+                (b"content-length", b"%d" % len(body)),
+                (b"content-type", b"text/plain"),
+            ]
         )
         self._sink.downstream_response_headers(headers, False)
         self._sink.downstream_response_data(body, True)

@@ -26,7 +26,9 @@ log = logging.getLogger("wasmesh.proxy")
 class ChainBuilder(Protocol):
     """Turns WasmPlugin resources into a listener's plugin chain (see wasmesh.proxy.plugins)."""
 
-    async def build(self, listener: ListenerConfig, resources: Sequence[PluginResource], generation: int) -> PluginChain:
+    async def build(
+        self, listener: ListenerConfig, resources: Sequence[PluginResource], generation: int
+    ) -> PluginChain:
         """Raise an exception with a one-line message when any plugin cannot be loaded."""
 
     def render_metrics(self) -> str: ...
@@ -60,7 +62,7 @@ class ProxyServer:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Bind listeners and load plugin chains; raises (one-line message) if the first config cannot load."""
+        """Bind listeners and load plugin chains; raises (one-line message) if the config cannot load."""
         self.loop = asyncio.get_running_loop()
         self.clusters = ClusterManager(self.config.clusters, self.loop)
         chains = await self._build_chains(self.config)
@@ -112,13 +114,18 @@ class ProxyServer:
             old_by_name = {lc.name: lc for lc in self.config.listeners}
             new_by_name = {lc.name: lc for lc in config.listeners}
             moved = [
-                n for n in set(old_by_name) | set(new_by_name)
-                if n not in old_by_name or n not in new_by_name
-                or (old_by_name[n].address, old_by_name[n].port) != (new_by_name[n].address, new_by_name[n].port)
+                n
+                for n in set(old_by_name) | set(new_by_name)
+                if n not in old_by_name
+                or n not in new_by_name
+                or (old_by_name[n].address, old_by_name[n].port)
+                != (new_by_name[n].address, new_by_name[n].port)
             ]
             if moved:
-                return self._reject(f"{config.source}: listeners: adding, removing or moving a listener needs a "
-                                    f"restart ({', '.join(sorted(moved))})")
+                return self._reject(
+                    f"{config.source}: listeners: adding, removing or moving a listener needs a "
+                    f"restart ({', '.join(sorted(moved))})"
+                )
             try:
                 chains = await self._build_chains(config)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old chain
@@ -134,8 +141,10 @@ class ProxyServer:
             log.info("configuration %s applied (generation %d)", config.source, self.generation)
             return True
 
-    async def apply_chain(self, resources: Sequence[PluginResource], listener_name: str | None = None) -> bool:
-        """Install a new plugin chain from WasmPlugin resources on one listener (or all); False if rejected."""
+    async def apply_chain(
+        self, resources: Sequence[PluginResource], listener_name: str | None = None
+    ) -> bool:
+        """Install a chain built from WasmPlugin resources on one listener (or all); False if rejected."""
         async with self._reload_lock:
             targets = [self.listeners[listener_name]] if listener_name else list(self.listeners.values())
             try:

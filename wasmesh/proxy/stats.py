@@ -11,7 +11,25 @@ from collections.abc import Iterable
 
 # Envoy's default histogram buckets (milliseconds).
 DEFAULT_BUCKETS_MS: tuple[float, ...] = (
-    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000,
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
 )
 
 
@@ -50,7 +68,16 @@ def _esc(v: str) -> str:
 
 
 class ListenerStats:
-    __slots__ = ("name", "cx_total", "cx_active", "rq_total", "rq_active", "rq_by_class", "rq_time", "cx_protocol_error")
+    __slots__ = (
+        "name",
+        "cx_total",
+        "cx_active",
+        "rq_total",
+        "rq_active",
+        "rq_by_class",
+        "rq_time",
+        "cx_protocol_error",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -93,8 +120,10 @@ class ProxyStats:
             s = self.upstream[name] = UpstreamStats()
         return s
 
-    def render(self, cluster_gauges: dict[str, tuple[int, int, int, int]] | None = None, worker: str = "") -> str:
-        """Prometheus text; ``cluster_gauges`` maps cluster -> (cx_total, cx_active, connect_fail, connect_timeout)."""
+    def render(
+        self, cluster_gauges: dict[str, tuple[int, int, int, int]] | None = None, worker: str = ""
+    ) -> str:
+        """Prometheus text; ``cluster_gauges``: cluster -> (cx total, active, connect fails, timeouts)."""
         w = f'worker="{_esc(worker)}",' if worker else ""
         out: list[str] = []
 
@@ -102,60 +131,70 @@ class ProxyStats:
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} {kind}")
 
+        def sample(name: str, labels: str, value: float) -> None:
+            out.append(f"{name}{{{w}{labels}}} {_fmt(value)}")
+
+        listeners = [(f'listener="{_esc(s.name)}"', s) for s in self.listeners.values()]
+        clusters = [(f'cluster="{_esc(n)}"', u) for n, u in self.upstream.items()]
         family("wasmesh_downstream_cx_total", "counter", "Downstream connections accepted.")
-        for s in self.listeners.values():
-            out.append(f'wasmesh_downstream_cx_total{{{w}listener="{_esc(s.name)}"}} {s.cx_total}')
+        for lab, s in listeners:
+            sample("wasmesh_downstream_cx_total", lab, s.cx_total)
         family("wasmesh_downstream_cx_active", "gauge", "Open downstream connections.")
-        for s in self.listeners.values():
-            out.append(f'wasmesh_downstream_cx_active{{{w}listener="{_esc(s.name)}"}} {s.cx_active}')
-        family("wasmesh_downstream_cx_protocol_error_total", "counter", "Connections closed for malformed HTTP.")
-        for s in self.listeners.values():
-            out.append(f'wasmesh_downstream_cx_protocol_error_total{{{w}listener="{_esc(s.name)}"}} {s.cx_protocol_error}')
+        for lab, s in listeners:
+            sample("wasmesh_downstream_cx_active", lab, s.cx_active)
+        family(
+            "wasmesh_downstream_cx_protocol_error_total", "counter", "Connections closed for malformed HTTP."
+        )
+        for lab, s in listeners:
+            sample("wasmesh_downstream_cx_protocol_error_total", lab, s.cx_protocol_error)
         family("wasmesh_downstream_rq_active", "gauge", "Requests in flight.")
-        for s in self.listeners.values():
-            out.append(f'wasmesh_downstream_rq_active{{{w}listener="{_esc(s.name)}"}} {s.rq_active}')
-        family("wasmesh_downstream_rq_total", "counter", "Completed downstream requests by response code class.")
-        for s in self.listeners.values():
+        for lab, s in listeners:
+            sample("wasmesh_downstream_rq_active", lab, s.rq_active)
+        family(
+            "wasmesh_downstream_rq_total", "counter", "Completed downstream requests by response code class."
+        )
+        for lab, s in listeners:
             for cls, n in enumerate(s.rq_by_class):
-                if cls and n:
-                    out.append(
-                        f'wasmesh_downstream_rq_total{{{w}listener="{_esc(s.name)}",response_code_class="{cls}xx"}} {n}'
-                    )
-            if s.rq_by_class[0]:
-                out.append(
-                    f'wasmesh_downstream_rq_total{{{w}listener="{_esc(s.name)}",response_code_class="none"}} '
-                    f"{s.rq_by_class[0]}"
-                )
+                if n:
+                    code_class = f"{cls}xx" if cls else "none"
+                    sample("wasmesh_downstream_rq_total", f'{lab},response_code_class="{code_class}"', n)
         family("wasmesh_downstream_rq_time_ms", "histogram", "Downstream request duration in milliseconds.")
-        for s in self.listeners.values():
-            out.extend(s.rq_time.render("wasmesh_downstream_rq_time_ms", f'{w}listener="{_esc(s.name)}"'))
+        for lab, s in listeners:
+            out.extend(s.rq_time.render("wasmesh_downstream_rq_time_ms", w + lab))
         family("wasmesh_upstream_rq_total", "counter", "Upstream responses by cluster and code class.")
-        for name, u in self.upstream.items():
+        for lab, u in clusters:
             for cls, n in enumerate(u.rq_by_class):
                 if cls and n:
-                    out.append(f'wasmesh_upstream_rq_total{{{w}cluster="{_esc(name)}",response_code_class="{cls}xx"}} {n}')
-        family("wasmesh_upstream_rq_time_ms", "histogram", "Upstream request time (request sent to response end), ms.")
-        for name, u in self.upstream.items():
-            out.extend(u.rq_time.render("wasmesh_upstream_rq_time_ms", f'{w}cluster="{_esc(name)}"'))
-        family("wasmesh_upstream_rq_timeout_total", "counter", "Upstream requests that hit the route timeout.")
-        for name, u in self.upstream.items():
-            out.append(f'wasmesh_upstream_rq_timeout_total{{{w}cluster="{_esc(name)}"}} {u.rq_timeout}')
+                    sample("wasmesh_upstream_rq_total", f'{lab},response_code_class="{cls}xx"', n)
+        family(
+            "wasmesh_upstream_rq_time_ms", "histogram", "Upstream request time (sent to response end), ms."
+        )
+        for lab, u in clusters:
+            out.extend(u.rq_time.render("wasmesh_upstream_rq_time_ms", w + lab))
+        family(
+            "wasmesh_upstream_rq_timeout_total", "counter", "Upstream requests that hit the route timeout."
+        )
+        for lab, u in clusters:
+            sample("wasmesh_upstream_rq_timeout_total", lab, u.rq_timeout)
         family("wasmesh_upstream_rq_reset_total", "counter", "Upstream requests reset by the connection.")
-        for name, u in self.upstream.items():
-            out.append(f'wasmesh_upstream_rq_reset_total{{{w}cluster="{_esc(name)}"}} {u.rq_reset}')
-        if cluster_gauges:
-            family("wasmesh_upstream_cx_total", "counter", "Upstream connections opened.")
-            for name, g in cluster_gauges.items():
-                out.append(f'wasmesh_upstream_cx_total{{{w}cluster="{_esc(name)}"}} {g[0]}')
-            family("wasmesh_upstream_cx_active", "gauge", "Open upstream connections.")
-            for name, g in cluster_gauges.items():
-                out.append(f'wasmesh_upstream_cx_active{{{w}cluster="{_esc(name)}"}} {g[1]}')
-            family("wasmesh_upstream_cx_connect_fail_total", "counter", "Failed upstream connects (incl. timeouts).")
-            for name, g in cluster_gauges.items():
-                out.append(f'wasmesh_upstream_cx_connect_fail_total{{{w}cluster="{_esc(name)}"}} {g[2]}')
-            family("wasmesh_upstream_cx_connect_timeout_total", "counter", "Upstream connects that timed out.")
-            for name, g in cluster_gauges.items():
-                out.append(f'wasmesh_upstream_cx_connect_timeout_total{{{w}cluster="{_esc(name)}"}} {g[3]}')
+        for lab, u in clusters:
+            sample("wasmesh_upstream_rq_reset_total", lab, u.rq_reset)
+        gauges = [(f'cluster="{_esc(n)}"', g) for n, g in (cluster_gauges or {}).items()]
+        for index, (name, kind, help_text) in enumerate(
+            (
+                ("wasmesh_upstream_cx_total", "counter", "Upstream connections opened."),
+                ("wasmesh_upstream_cx_active", "gauge", "Open upstream connections."),
+                (
+                    "wasmesh_upstream_cx_connect_fail_total",
+                    "counter",
+                    "Failed upstream connects (incl. timeouts).",
+                ),
+                ("wasmesh_upstream_cx_connect_timeout_total", "counter", "Upstream connects that timed out."),
+            )
+        ):
+            family(name, kind, help_text)
+            for lab, g in gauges:
+                sample(name, lab, g[index])
         family("wasmesh_config_reload_total", "counter", "Configuration or plugin chain reloads applied.")
         out.append(f"wasmesh_config_reload_total{{{w[:-1]}}} {self.config_reload_total}")
         family("wasmesh_config_reload_failed_total", "counter", "Rejected reloads (old configuration kept).")

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import cast, Protocol
+from typing import Protocol, cast
 
 from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.config import ClusterConfig
@@ -47,7 +47,15 @@ class UpstreamStream(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "cluster", "endpoint", "transport", "parser", "stream", "closed", "last_used", "local_address", "reusable",
+        "cluster",
+        "endpoint",
+        "transport",
+        "parser",
+        "stream",
+        "closed",
+        "last_used",
+        "local_address",
+        "reusable",
     )
 
     def __init__(self, cluster: Cluster, endpoint: tuple[str, int]) -> None:
@@ -291,4 +299,3 @@ class ClusterManager:
     def close(self) -> None:
         for c in self.clusters.values():
             c.close()
-

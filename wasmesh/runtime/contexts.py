@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wasmesh.http.filter import FilterCallbacks
 from wasmesh.http.headers import HeaderMap
@@ -82,7 +82,12 @@ class Context:
         return WasmResult.NOT_FOUND
 
     def send_local_response(
-        self, status: int, details: str, body: bytes, headers: list[tuple[bytes, bytes]], grpc_status: int | None
+        self,
+        status: int,
+        details: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        grpc_status: int | None,
     ) -> WasmResult:
         return WasmResult.NOT_FOUND
 
@@ -126,7 +131,7 @@ class RootContext(Context):
         return super().buffer(buffer_type)
 
 
-class StreamHooks:
+class StreamHooks(Protocol):
     """What a stream context needs from its filter; the filter implements it."""
 
     callbacks: FilterCallbacks | None
@@ -232,7 +237,12 @@ class StreamContext(Context):
         return WasmResult.OK
 
     def send_local_response(
-        self, status: int, details: str, body: bytes, headers: list[tuple[bytes, bytes]], grpc_status: int | None
+        self,
+        status: int,
+        details: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        grpc_status: int | None,
     ) -> WasmResult:
         hooks = self.hooks
         if hooks.callbacks is None:

