@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker-registry skopeo clang lld wasi-libc libclang-rt-dev-wasm32 wabt wrk apache2-utils)
+APT_PACKAGES=(docker-registry skopeo clang lld wasi-libc libclang-rt-dev-wasm32 wabt wrk apache2-utils openssl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -31,6 +31,7 @@ USER = "wasm-user"
 PASSWORD = "wasm-secret-pw"
 TOKEN_SERVICE = "wasmesh-test-registry"
 TOKEN_ISSUER = "wasmesh-test-issuer"
+REFRESH_TOKEN = "wasmesh-refresh-token"
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -141,6 +142,28 @@ class TokenIssuer:
                     access.append({"type": kind, "name": name, "actions": actions.split(",")})
                 token = issuer.sign(access)
                 body = json.dumps({"access_token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # OAuth2 refresh-token grant (docker identity tokens)
+                issuer.requests += 1
+                length = int(self.headers.get("Content-Length", "0"))
+                form = parse_qs(self.rfile.read(length).decode())
+                if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != [
+                    REFRESH_TOKEN
+                ]:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                access = []
+                for scope in form.get("scope", []):
+                    kind, name, actions = scope.split(":")
+                    access.append({"type": kind, "name": name, "actions": actions.split(",")})
+                body = json.dumps({"access_token": issuer.sign(access)}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -386,6 +409,7 @@ class FaultPlan:
     truncate_blobs: bool = False  # announce the full length, send half, close
     manifest_delay_s: float = 0.0
     blob_delay_s: float = 0.0
+    redirect_blobs: bool = False  # answer 307 to the registry itself, as blob stores do
 
 
 class FaultProxy:
@@ -454,6 +478,9 @@ class FaultProxy:
                 {"Content-Type": "application/json"},
                 b'{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}',
             )
+            return
+        if is_blob and plan.redirect_blobs:
+            self._reply(request, 307, {"Location": f"http://{self.upstream}{request.path}"}, b"")
             return
         upstream = http.client.HTTPConnection(self.upstream, timeout=30)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "authorization")}

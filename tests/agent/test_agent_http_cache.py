@@ -324,3 +324,13 @@ def test_followers_of_a_shared_download_record_their_own_resource_versions(
     again = asyncio.run(pull("1"))  # same versions: every resource is served from the cache
     assert set(first) == set(again) and module_server.count("/always.wasm") == 1
     cache.close()
+
+
+def test_relative_file_urls_need_a_base_dir(tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "rel.wasm").write_bytes(tiny_wasm("relative"))
+    with pytest.raises(FetchError, match="relative file URL file://plugins/rel.wasm needs a base directory"):
+        make_cache(tmp_path / "c1").get_sync("file://plugins/rel.wasm")
+    cache = make_cache(tmp_path / "c2", file_base_dir=tmp_path)
+    assert cache.get_sync("file://plugins/rel.wasm").read_bytes() == tiny_wasm("relative")
+    cache.close()

@@ -14,6 +14,7 @@ import pytest
 from agent_testsupport import (
     DOCKER_MANIFEST,
     PASSWORD,
+    REFRESH_TOKEN,
     USER,
     FaultProxy,
     ImageSpec,
@@ -210,4 +211,30 @@ def test_async_get_and_single_flight_over_the_registry(
     assert fault_proxy.blob_gets == 1
     assert fault_proxy.manifest_gets == 1
     assert cache.metrics.remote_fetch_count.value("success") == 1
+    cache.close()
+
+
+def test_token_registry_with_identity_token(
+    registry_factory: Callable[[str], Registry], push_image: PushImage, tmp_path: Path
+) -> None:
+    registry = registry_factory("token")
+    wasm = tiny_wasm("identity-token")
+    push_image(registry, "private/identity", "v1", wasm_to_oci_image(wasm))
+    secret = json.dumps({"auths": {registry.host: {"identitytoken": REFRESH_TOKEN}}}).encode()
+    cache = make_cache(tmp_path)
+    assert (
+        cache.get_sync(f"oci://{registry.host}/private/identity:v1", pull_secret=secret).read_bytes() == wasm
+    )
+    cache.close()
+
+
+def test_blob_redirects_are_followed(
+    fault_proxy: FaultProxy, plain_registry: Registry, push_image: PushImage, tmp_path: Path
+) -> None:
+    wasm = tiny_wasm("redirected")
+    push_image(plain_registry, "redirect/plugin", "v1", solo_oci_image(wasm))
+    fault_proxy.plan.redirect_blobs = True
+    cache = make_cache(tmp_path)
+    assert cache.get_sync(f"oci://{fault_proxy.host}/redirect/plugin:v1").read_bytes() == wasm
+    assert fault_proxy.blob_gets == 1
     cache.close()

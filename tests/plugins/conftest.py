@@ -15,7 +15,11 @@ BUILD_DIR = REPO / "tests" / "plugins" / "build"
 @pytest.fixture(scope="session")
 def built_plugins() -> Path:
     result = subprocess.run(
-        [str(REPO / "scripts" / "build-test-plugins.sh")], cwd=REPO, capture_output=True, text=True, timeout=600
+        [str(REPO / "scripts" / "build-test-plugins.sh")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if result.returncode != 0:
         pytest.fail(f"scripts/build-test-plugins.sh failed: {result.stderr.strip()}")

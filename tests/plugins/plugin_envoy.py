@@ -122,7 +122,9 @@ class WasmFilter:
     name: str = "probe"
 
 
-def _bootstrap(listener_port: int, admin_port: int, upstream_port: int, filters: Sequence[WasmFilter]) -> dict[str, object]:
+def _bootstrap(
+    listener_port: int, admin_port: int, upstream_port: int, filters: Sequence[WasmFilter]
+) -> dict[str, object]:
     http_filters: list[dict[str, object]] = []
     for wasm_filter in filters:
         http_filters.append(
@@ -151,8 +153,10 @@ def _bootstrap(listener_port: int, admin_port: int, upstream_port: int, filters:
             }
         )
     http_filters.append(
-        {"name": "envoy.filters.http.router",
-         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }
     )
 
     def cluster(name: str) -> dict[str, object]:
@@ -162,8 +166,22 @@ def _bootstrap(listener_port: int, admin_port: int, upstream_port: int, filters:
             "connect_timeout": "1s",
             "load_assignment": {
                 "cluster_name": name,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                    "address": "127.0.0.1", "port_value": upstream_port}}}}]}],
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "127.0.0.1",
+                                            "port_value": upstream_port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
             },
         }
 
@@ -171,25 +189,43 @@ def _bootstrap(listener_port: int, admin_port: int, upstream_port: int, filters:
         "node": {"id": "probe-node", "cluster": "probe-cluster"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
-            "listeners": [{
-                "name": "listener",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                                 ".HttpConnectionManager",
-                        "stat_prefix": "ingress",
-                        "route_config": {
-                            "name": "route",
-                            "virtual_hosts": [{"name": "all", "domains": ["*"],
-                                               "routes": [{"name": "default", "match": {"prefix": "/"},
-                                                           "route": {"cluster": "upstream"}}]}],
-                        },
-                        "http_filters": http_filters,
-                    },
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "listener",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                                        ".HttpConnectionManager",
+                                        "stat_prefix": "ingress",
+                                        "route_config": {
+                                            "name": "route",
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "name": "default",
+                                                            "match": {"prefix": "/"},
+                                                            "route": {"cluster": "upstream"},
+                                                        }
+                                                    ],
+                                                }
+                                            ],
+                                        },
+                                        "http_filters": http_filters,
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": [cluster("upstream"), cluster("probe_call")],
         },
     }
@@ -217,8 +253,13 @@ class EnvoyUnderTest:
     admin_port: int
     log_path: Path
 
-    def request(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
-                body: bytes | None = None) -> Response:
+    def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Response:
         connection = http.client.HTTPConnection("127.0.0.1", self.listener_port, timeout=10)
         try:
             connection.request(method, path, body=body, headers=headers or {})
@@ -254,9 +295,21 @@ def run_envoy(filters: Sequence[WasmFilter], upstream: EchoUpstream) -> Iterator
     log_path = workdir / "envoy.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [binary, "-c", str(config_path), "--disable-hot-restart", "--concurrency", "1",
-             "-l", "warning", "--component-log-level", "wasm:debug"],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ},
+            [
+                binary,
+                "-c",
+                str(config_path),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+                "--component-log-level",
+                "wasm:debug",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ},
         )
     try:
         deadline = time.monotonic() + 60

@@ -232,7 +232,10 @@ def request(
         c.request(method, path, body=body, headers=headers or {})
         r = c.getresponse()
         data = r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+        merged: dict[str, str] = {}
+        for k, v in r.getheaders():  # repeated headers joined with ", " (order kept)
+            merged[k.lower()] = f"{merged[k.lower()]}, {v}" if k.lower() in merged else v
+        return r.status, merged, data
     finally:
         if conn is None:
             c.close()

@@ -66,9 +66,9 @@ class DirectoryWatcher:
         changed = [path for path, signature in current.items() if self._seen.get(path) != signature]
         removed = [path for path in self._seen if path not in current]
         for path in removed:
-            for key in self._keys_by_file.pop(path, set()):
-                if self.store.get(*key) is not None and key in self.store.keys_from_source(str(path)):
-                    self.store.delete(*key)
+            owned = self.store.keys_from_source(str(path))
+            for key in self._keys_by_file.pop(path, set()) & owned:
+                self.store.delete(*key)
             del self._seen[path]
         for path in changed:
             self._seen[path] = current[path]
@@ -90,9 +90,9 @@ class DirectoryWatcher:
             except ResourceRejected as exc:
                 for line in exc.errors:
                     self._error(f"rejected: {line}", document.kind)
-        for key in self._keys_by_file.get(path, set()) - defined:
-            if key in self.store.keys_from_source(str(path)):
-                self.store.delete(*key)
+        owned = self.store.keys_from_source(str(path))
+        for key in (self._keys_by_file.get(path, set()) - defined) & owned:
+            self.store.delete(*key)
         self._keys_by_file[path] = defined
 
     async def run(self, interval: float = 0.1) -> None:

@@ -482,7 +482,10 @@ class WasmInstance:
         if code == wasmtime.TrapCode.INTERRUPT:
             raise GuestFailure("deadline", f"exceeded its {self._deadline_ms} ms CPU deadline")
         self._refresh_memory()
-        if self._mem is not None and self._mem_size + WASM_PAGE > self.memory_limit_bytes:
+        # wasmtime reports a refused memory.grow only as -1 to the guest, which then traps
+        # on its own; a trap with memory this close to the cap is blamed on the cap.
+        near_cap = min(64 * WASM_PAGE, self.memory_limit_bytes // 4)
+        if self._mem is not None and self._mem_size + near_cap > self.memory_limit_bytes:
             raise GuestFailure(
                 "memory_limit", f"hit its {self.memory_limit_bytes}-byte memory limit ({message})"
             )

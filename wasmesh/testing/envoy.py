@@ -187,12 +187,15 @@ class EnvoyRunner:
         clusters: Mapping[str, int] | None = None,
         node_id: str = "wasmesh-differential",
         ready_timeout_s: float = 90.0,
+        wasm_log_level: str = "info",
     ) -> None:
         self.plugins = list(plugins)
         self.upstream_port = upstream_port
         self.clusters = dict(clusters or {})
         self.node_id = node_id
         self.ready_timeout_s = ready_timeout_s
+        # Plugins read it back with proxy_get_log_level; "info" matches the runtime's default.
+        self.wasm_log_level = wasm_log_level
         self.listener_port = 0
         self.admin_port = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -233,7 +236,7 @@ class EnvoyRunner:
             self._process = subprocess.Popen(
                 [binary, "-c", str(config_path), "--disable-hot-restart", "--concurrency", "1",
                  "--base-id", str(os.getpid() % 60000 + free_port() % 1000),
-                 "-l", "warning", "--component-log-level", "wasm:debug"],
+                 "-l", "warning", "--component-log-level", f"wasm:{self.wasm_log_level}"],
                 stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:

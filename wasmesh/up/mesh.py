@@ -1,0 +1,269 @@
+"""The embedded demo mesh behind `wasmesh up`.
+
+Pieces, all on 127.0.0.1:
+- the control plane (in this process), watching a state directory;
+- the example WasmPlugins, mirrored from examples/*/wasmplugin.yaml into that directory with
+  their relative `file://` URLs made absolute — edit an example and the mirror (and so the
+  mesh) follows within a fraction of a second;
+- a Gateway resource `ingressgateway` (label `istio: ingressgateway`) routing /productpage to
+  the productpage app and everything else to the httpbin-like app;
+- a gateway proxy: `wasmesh proxy --xds ...` as a child process, so its plugin logs stream to
+  this terminal exactly as a real deployment would log them;
+- the two sample apps (in this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wasmesh.up.apps import serve_sample_app
+
+log = logging.getLogger("wasmesh.up")
+
+GATEWAY_NAME = "ingressgateway"
+GATEWAY_NAMESPACE = "istio-system"
+_FILE_URL = re.compile(r"^(?P<lead>\s*url:\s*[\"']?)file://(?P<path>[^\"'\s#]+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class MeshPorts:
+    gateway: int
+    admin: int
+    xds: int
+    api: int
+    httpbin: int
+    productpage: int
+
+
+def find_examples_dir(explicit: str | None) -> Path:
+    """examples/ of the checkout wasmesh runs from, else of the current directory."""
+    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parents[2] / "examples",
+                                                    Path.cwd() / "examples"]
+    for candidate in candidates:
+        if candidate.is_dir() and any(candidate.glob("*/wasmplugin.yaml")):
+            return candidate.resolve()
+    where = explicit or " or ".join(str(c) for c in candidates)
+    raise SystemExit(f"wasmesh up: no example WasmPlugins (*/wasmplugin.yaml) found in {where}")
+
+
+def mirror_example(source: Path, target: Path) -> None:
+    """Copy one example WasmPlugin with its relative file:// URLs resolved against its own directory."""
+    text = source.read_text(encoding="utf-8")
+
+    def absolute(match: re.Match[str]) -> str:
+        path = match.group("path")
+        if not path.startswith("/"):
+            path = str((source.parent / path).resolve())
+        return f"{match.group('lead')}file://{path}"
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(_FILE_URL.sub(absolute, text), encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def gateway_resource(ports: MeshPorts) -> str:
+    return f"""apiVersion: wasmesh.io/v1alpha1
+kind: Gateway
+metadata:
+  name: {GATEWAY_NAME}
+  namespace: {GATEWAY_NAMESPACE}
+  labels:
+    istio: ingressgateway
+spec:
+  listeners:
+  - name: http
+    address: 127.0.0.1
+    port: {ports.gateway}
+    virtualHosts:
+    - name: demo
+      domains: ["*"]
+      routes:
+      - match: {{prefix: /productpage}}
+        cluster: productpage
+      - match: {{prefix: /}}
+        cluster: httpbin
+  clusters:
+  - name: httpbin
+    endpoints: ["127.0.0.1:{ports.httpbin}"]
+  - name: productpage
+    endpoints: ["127.0.0.1:{ports.productpage}"]
+"""
+
+
+class ExampleMirror:
+    """Keeps <state>/<example>.yaml equal to examples/<example>/wasmplugin.yaml (made absolute)."""
+
+    def __init__(self, examples: Path, state: Path) -> None:
+        self.examples = examples
+        self.state = state
+        self._seen: dict[Path, tuple[int, int]] = {}
+
+    def sync(self) -> list[str]:
+        changed: list[str] = []
+        present: set[Path] = set()
+        for source in sorted(self.examples.glob("*/wasmplugin.yaml")):
+            target = self.state / f"example-{source.parent.name}.yaml"
+            present.add(target)
+            st = source.stat()
+            signature = (st.st_mtime_ns, st.st_size)
+            if self._seen.get(source) != signature:
+                self._seen[source] = signature
+                mirror_example(source, target)
+                changed.append(source.parent.name)
+        for stale in self.state.glob("example-*.yaml"):
+            if stale not in present:
+                stale.unlink()
+                changed.append(stale.stem.removeprefix("example-"))
+        return changed
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def choose_ports(args: argparse.Namespace) -> MeshPorts:
+    wanted = {
+        "gateway": args.gateway_port, "admin": args.admin_port, "xds": args.xds_port, "api": args.api_port,
+    }
+    for name, port in wanted.items():
+        if port != 0 and not _port_free(port):
+            raise SystemExit(f"wasmesh up: port {port} (--{name}-port) is already in use on 127.0.0.1")
+    chosen = {k: (v or _free_port()) for k, v in wanted.items()}
+    return MeshPorts(httpbin=_free_port(), productpage=_free_port(), **chosen)
+
+
+async def _wait_http(port: int, path: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+            writer.write(request)
+            data = await asyncio.wait_for(reader.read(64), 2)
+            writer.close()
+            if data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200"):
+                return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _banner(ports: MeshPorts, examples: Path) -> str:
+    g = f"http://127.0.0.1:{ports.gateway}"
+    return f"""
+wasmesh demo mesh is up.
+
+  gateway (istio: ingressgateway)  {g}
+  gateway admin                    http://127.0.0.1:{ports.admin}/stats/prometheus
+  control plane API                http://127.0.0.1:{ports.api}   (wasmesh get wasmplugins --server ...)
+  control plane xDS                127.0.0.1:{ports.xds}
+  example WasmPlugins              {examples}/*/wasmplugin.yaml  (edit one: the change is live)
+
+Try:
+  curl -s {g}/headers                       # request-tracking adds X-Request-Id: request-tracking
+  curl -si {g}/status/200 | grep -i who-am-i   # rate-limit tags every response
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}}\\n' {g}/status/200; done   # 3rd → 429
+  curl -si {g}/productpage                  # 401 without credentials (basic-auth)
+  curl -si -u ok:test {g}/productpage       # 200
+  curl -si -H 'Authorization: Basic YWRtaW4zOmFkbWluMw==' {g}/productpage   # 200 (admin3:admin3)
+
+Plugin logs follow. Ctrl-C stops everything.
+"""
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from wasmesh.controlplane.server import ControlPlane, ControlPlaneOptions
+
+    examples = find_examples_dir(args.examples)
+    ports = choose_ports(args)
+    state = Path(tempfile.mkdtemp(prefix="wasmesh-up-"))
+    gateway: subprocess.Popen[bytes] | None = None
+    control_plane: ControlPlane | None = None
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        (state / "gateway.yaml").write_text(gateway_resource(ports), encoding="utf-8")
+        mirror = ExampleMirror(examples, state)
+        mirror.sync()
+        servers.append(await serve_sample_app("httpbin", "127.0.0.1", ports.httpbin))
+        servers.append(await serve_sample_app("productpage", "127.0.0.1", ports.productpage))
+        control_plane = ControlPlane(ControlPlaneOptions(
+            config_dir=state, xds_port=ports.xds, api_port=ports.api, root_namespace=GATEWAY_NAMESPACE,
+        ))
+        await control_plane.start()
+        gateway = subprocess.Popen([
+            sys.executable, "-m", "wasmesh", "proxy",
+            "--xds", f"127.0.0.1:{ports.xds}",
+            "--node-id", GATEWAY_NAME,
+            "--namespace", GATEWAY_NAMESPACE,
+            "--labels", "istio=ingressgateway",
+            "--admin", f"127.0.0.1:{ports.admin}",
+        ])
+        if not await _wait_http(ports.gateway, "/headers", timeout=60):
+            code = gateway.poll()
+            why = f"exited with status {code}" if code is not None else "is not answering"
+            print(f"wasmesh up: the gateway proxy {why} (see its log above)", file=sys.stderr)
+            return 1
+        print(_banner(ports, examples), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            for name in mirror.sync():
+                log.info("example %s changed: applying", name)
+                print(f"[wasmesh up] example {name} changed: pushing it to the gateway", flush=True)
+            if gateway.poll() is not None:
+                code = gateway.returncode
+                print(f"wasmesh up: the gateway proxy exited with status {code}", file=sys.stderr)
+                return 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+        print("\nwasmesh up: stopping", flush=True)
+        return 0
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.send_signal(signal.SIGTERM)
+            try:
+                gateway.wait(10)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        if control_plane is not None:
+            await control_plane.stop()
+        for server in servers:
+            server.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def run_demo_mesh(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        import uvloop
+
+        return uvloop.run(_run(args))
+    except KeyboardInterrupt:
+        return 0
