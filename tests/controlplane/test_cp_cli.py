@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from cp_helpers import plugin_yaml, workload_yaml
+from cp_helpers import eventually, free_port, get_json, plugin_yaml, workload_yaml
 
 from wasmesh.api.model import WasmPlugin
 from wasmesh.controlplane import cli
@@ -119,3 +120,30 @@ def test_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path, capsys: pytest.Captu
     assert result.returncode == 0, result.stdout + result.stderr
     assert run(["envoy-bootstrap", "--xds", "nope", "--node-id", "x"]) == 2
     assert "--xds: expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_control_plane_command_as_a_process(tmp_path: Path) -> None:
+    (tmp_path / "plugin.yaml").write_text(plugin_yaml("from-dir", "file:///p.wasm", priority=3))
+    api_port, xds_port = free_port(), free_port()
+    server = f"http://127.0.0.1:{api_port}"
+    command = [sys.executable, "-m", "wasmesh", "control-plane", "--config-dir", str(tmp_path)]
+    process = subprocess.Popen(
+        [*command, "--api-port", str(api_port), "--xds-port", str(xds_port), "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        eventually(lambda: get_json(f"{server}/resources/WasmPlugin")[0] == 200)
+        result = subprocess.run(
+            [sys.executable, "-m", "wasmesh", "get", "wasmplugins", "--server", server],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[1].split()[:4] == ["default", "from-dir", "UNSPECIFIED_PHASE", "3"]
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output

@@ -132,3 +132,35 @@ def start_pair(
         envoy.stop()
         raise
     return envoy, harness
+
+
+def _pair_diff(label: str, envoy: Sequence[tuple[str, str]], mine: Sequence[tuple[str, str]]) -> list[str]:
+    only_envoy = sorted(set(envoy) - set(mine))
+    only_mine = sorted(set(mine) - set(envoy))
+    lines = [f"  {label} only under Envoy:   {h}" for h in only_envoy]
+    lines += [f"  {label} only under wasmesh: {h}" for h in only_mine]
+    return lines
+
+
+def assert_same_exchange(envoy: ObservedExchange | str, wasmesh: ObservedExchange | str) -> None:
+    """Equal, or fail with a short list of what differs."""
+    if envoy == wasmesh:
+        return
+    if isinstance(envoy, str) or isinstance(wasmesh, str):
+        pytest.fail(f"envoy: {envoy!r}\nwasmesh: {wasmesh!r}")
+    lines: list[str] = []
+    if envoy.status != wasmesh.status:
+        lines.append(f"  status: envoy {envoy.status}, wasmesh {wasmesh.status}")
+    lines += _pair_diff("response header", envoy.headers, wasmesh.headers)
+    if envoy.body != wasmesh.body:
+        lines.append(f"  body: envoy {envoy.body[:200]!r}, wasmesh {wasmesh.body[:200]!r}")
+    if (envoy.upstream is None) != (wasmesh.upstream is None):
+        lines.append(f"  upstream request: envoy {envoy.upstream}, wasmesh {wasmesh.upstream}")
+    elif envoy.upstream is not None and wasmesh.upstream is not None and envoy.upstream != wasmesh.upstream:
+        e, w = envoy.upstream, wasmesh.upstream
+        if (e.method, e.path) != (w.method, w.path):
+            lines.append(f"  upstream line: envoy {e.method} {e.path}, wasmesh {w.method} {w.path}")
+        lines += _pair_diff("upstream header", e.headers, w.headers)
+        if e.body != w.body:
+            lines.append(f"  upstream body: envoy {e.body[:200]!r}, wasmesh {w.body[:200]!r}")
+    pytest.fail("wasmesh differs from Envoy:\n" + "\n".join(lines), pytrace=False)

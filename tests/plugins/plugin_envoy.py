@@ -24,6 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 CALL_PATH = "/probe-call"
+HCM_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
 
 
 def free_port() -> int:
@@ -87,7 +90,7 @@ class EchoUpstream:
                 self.wfile.write(payload)
 
             def _read_chunked(self) -> bytes:
-                chunks = []
+                chunks: list[bytes] = []
                 while True:
                     size = int(self.rfile.readline().strip().split(b";")[0], 16)
                     if size == 0:
@@ -199,8 +202,7 @@ def _bootstrap(
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
                                     "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                                        ".HttpConnectionManager",
+                                        "@type": HCM_TYPE,
                                         "stat_prefix": "ingress",
                                         "route_config": {
                                             "name": "route",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +93,16 @@ class ControlPlane:
         await self.ads.stop(grace=0.2)
 
     async def serve_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT (or cancellation), then stop cleanly."""
         await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
+            log.info("control plane: shutting down")
         finally:
             await self.stop()
 

@@ -19,7 +19,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--admin-port", type=int, default=15000, help="gateway admin port (default 15000)")
     parser.add_argument("--xds-port", type=int, default=15010, help="control plane xDS port (default 15010)")
     parser.add_argument("--api-port", type=int, default=15014, help="control plane API port (default 15014)")
-    parser.add_argument("--no-color", action="store_true", help="plain output")
     parser.set_defaults(handler=_run)
 
 
