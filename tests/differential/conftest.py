@@ -9,7 +9,7 @@ returns a `DifferentialPair` whose `run(...)` sends the same request to both.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +46,16 @@ def upstream_reply(request: RecordedRequest) -> Reply:
     return CALL_REPLY if request.path == CALL_PATH else Reply()
 
 
+CALLOUT_PATHS = frozenset({CALL_PATH, "/token-auth"})
+
+
 @dataclass
 class DifferentialPair:
     envoy: EnvoyRunner
     upstream: RecordingUpstream
     harness: object  # wasmesh.testing.PluginHarness (imported lazily: the runtime may be absent)
     mask: Callable[[str, str], str] = mask_volatile
+    callout_paths: frozenset[str] = CALLOUT_PATHS  # upstream requests made by http_call, not the exchange
 
     def run_envoy(
         self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
@@ -61,7 +65,7 @@ class DifferentialPair:
             response = self.envoy.request(method, path, headers, body)
         except (ConnectionError, OSError):  # the stream was reset
             return "reset"
-        requests = [r for r in self.upstream.requests if r.path != CALL_PATH]
+        requests = [r for r in self.upstream.requests if r.path.split("?")[0] not in self.callout_paths]
         return observe_envoy(response, requests, self.mask)
 
     def run_wasmesh(
@@ -103,35 +107,54 @@ def recording_upstream() -> Iterator[RecordingUpstream]:
         yield upstream
 
 
+def mirror_cluster(upstream: RecordingUpstream) -> Callable[[object], object]:
+    """A harness cluster handler answering as `upstream` answers Envoy's calls to the same cluster."""
+    from wasmesh.testing import HttpCall, Upstream
+
+    def handler(call: object) -> Upstream:
+        assert isinstance(call, HttpCall)
+        headers = [(k.decode(), v.decode()) for k, v in call.headers if not k.startswith(b":")]
+        headers.insert(0, ("host", call.authority or ""))
+        request = RecordedRequest(call.method or "GET", call.path or "/", headers, call.body)
+        reply = upstream.reply(request) if callable(upstream.reply) else upstream.reply
+        return Upstream(reply.status, reply.headers, reply.body)
+
+    return handler
+
+
 def start_pair(
     plugins: Sequence[EnvoyWasmPlugin],
     upstream: RecordingUpstream,
     cluster_names: Sequence[str] = (),
-    harness_clusters: Mapping[str, object] | None = None,
-) -> tuple[EnvoyRunner, object]:
-    """Envoy and a harness with the same plugins; Envoy's extra clusters point at `upstream`."""
-    from wasmesh.testing import Plugin, PluginHarness, Upstream
+) -> DifferentialPair:
+    """Envoy and a harness with the same plugins; each named cluster is `upstream` on both sides."""
+    from wasmesh.testing import Plugin, PluginHarness
 
-    def call_handler(call: object) -> Upstream:
-        return Upstream(CALL_REPLY.status, CALL_REPLY.headers, CALL_REPLY.body)
-
-    clusters: dict[str, object] = {name: call_handler for name in cluster_names}
-    clusters.update(harness_clusters or {})
-    envoy = EnvoyRunner(plugins, upstream_port=upstream.port, clusters={n: upstream.port for n in cluster_names})
+    clusters = {name: upstream.port for name in cluster_names}
+    envoy = EnvoyRunner(plugins, upstream_port=upstream.port, clusters=clusters)
     envoy.start()
     try:
+        handler = mirror_cluster(upstream)
         harness = PluginHarness.chain(
             [
-                Plugin(p.module, p.configuration, p.root_id, p.vm_id, p.vm_configuration, dict(p.env), p.name)
-                for p in plugins
+                Plugin(p.module, p.configuration, p.root_id, p.vm_id, p.vm_configuration, dict(p.env),
+                       p.name or f"plugin-{i}")
+                for i, p in enumerate(plugins)
             ],
-            clusters=clusters,  # type: ignore[arg-type]
+            clusters={name: handler for name in cluster_names},  # type: ignore[misc]
             node={"id": envoy.node_id, "cluster": "wasmesh-differential"},
-        )
+        )  # fmt: skip
     except BaseException:
         envoy.stop()
         raise
-    return envoy, harness
+    return DifferentialPair(envoy, upstream, harness)
+
+
+def stop_pair(pair: DifferentialPair) -> None:
+    pair.envoy.stop()
+    close = getattr(pair.harness, "close", None)
+    if callable(close):
+        close()
 
 
 def _pair_diff(label: str, envoy: Sequence[tuple[str, str]], mine: Sequence[tuple[str, str]]) -> list[str]:

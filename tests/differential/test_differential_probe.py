@@ -18,6 +18,7 @@ from conftest import (  # type: ignore[import-not-found]
     require_envoy,
     require_module,
     start_pair,
+    stop_pair,
 )
 
 from wasmesh.testing.envoy import EnvoyWasmPlugin
@@ -57,8 +58,6 @@ PROBE_CASES: dict[str, bytes] = {
 KNOWN_RUNTIME_GAPS: dict[str, str] = {
     "props": "runtime answers `node.id` (Envoy: NotFound; only xds.node.id exists)",
     "metrics": "runtime returns the same metric id when a name is defined again (Envoy: a new id)",
-    "local": "runtime stops its own local reply in encode_headers (returns StopAll after send_local_response)",
-    "local-grpc": "runtime stops its own local reply in encode_headers (returns StopAll after send_local_response)",
 }
 
 
@@ -72,12 +71,11 @@ def probe_pair(recording_upstream: RecordingUpstream) -> Iterator[DifferentialPa
     require_envoy()
     probe = require_module(TEST_PLUGINS / "probe.wasm")
     plugin = EnvoyWasmPlugin(probe, configuration='{"probe": true}', name="probe")
-    envoy, harness = start_pair([plugin], recording_upstream, cluster_names=["probe_call"])
+    pair = start_pair([plugin], recording_upstream, cluster_names=["probe_call"])
     try:
-        yield DifferentialPair(envoy, recording_upstream, harness)
+        yield pair
     finally:
-        envoy.stop()
-        harness.close()  # type: ignore[attr-defined]
+        stop_pair(pair)
 
 
 @pytest.mark.parametrize("case", [_case_param(c) for c in PROBE_CASES])
@@ -90,7 +88,6 @@ def test_probe_case_matches_envoy(probe_pair: DifferentialPair, case: str) -> No
     assert_same_exchange(envoy, wasmesh)
 
 
-@pytest.mark.xfail(reason=KNOWN_RUNTIME_GAPS["local-grpc"], strict=False)
 def test_probe_grpc_local_reply_matches_envoy(probe_pair: DifferentialPair) -> None:
     headers = [("x-probe", "local-grpc"), ("x-probe-grpc-status", "16"), ("content-type", "application/grpc")]
     envoy, wasmesh = probe_pair.run("POST", "/pkg.Service/Method", headers, b"\0\0\0\0\0")

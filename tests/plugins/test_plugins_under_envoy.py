@@ -62,6 +62,7 @@ def test_probe_header_maps(probe_envoy: EnvoyUnderTest, upstream: EchoUpstream) 
     assert results["resp-get"] == "0:rin"
     assert results["resp-get-status"] == "0:200"
     assert response.header("x-probe-resp-remove") is None
+    assert results["resp-removed"] == "0"
     assert response.header("x-probe-resp-added") == "added"
     seen = upstream.requests[-1]
     assert seen.header("x-probe-added") == "added"

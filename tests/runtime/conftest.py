@@ -178,7 +178,8 @@ class ManualScheduler:
     def advance(self, seconds: float) -> None:
         target = self.now + seconds
         while True:
-            due = sorted((h for h in self.handles if not h.cancelled and h.when <= target), key=lambda h: h.when)
+            pending = [h for h in self.handles if not h.cancelled and h.when <= target]
+            due = sorted(pending, key=lambda h: h.when)
             if not due:
                 break
             handle = due[0]
@@ -248,7 +249,8 @@ def runtime(
     from wasmesh.runtime import LogLevel
 
     rt = Runtime(
-        http_caller=http_caller, scheduler=scheduler, log_handler=logs, compile_cache_dir=str(tmp_path / "cc"),
+        http_caller=http_caller, scheduler=scheduler, log_handler=logs,
+        compile_cache_dir=str(tmp_path / "cc"),
         node={"id": "node-1", "cluster": "c1", "metadata": {"ISTIO_VERSION": "1.24"}},
         log_level=LogLevel.TRACE, reload_backoff_s=0.0,
     )

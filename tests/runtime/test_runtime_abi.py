@@ -78,7 +78,9 @@ def test_header_callback_arity_and_missing_value_status(
         ("0_2_1", 9, FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK),
     ],
 )
-def test_header_status_conversion(runtime: Runtime, abi: str, result: int, expected: FilterHeadersStatus) -> None:
+def test_header_status_conversion(
+    runtime: Runtime, abi: str, result: int, expected: FilterHeadersStatus
+) -> None:
     _, status = drive_headers(runtime, header_module(abi, True, result))
     assert status == expected
 
@@ -91,7 +93,8 @@ def test_non_wasm_bytes_refused(runtime: Runtime) -> None:
 def test_invalid_wasm_refused_in_one_line(runtime: Runtime) -> None:
     with pytest.raises(PluginLoadError) as info:
         runtime.load_plugin(PluginSpec(name="bad", module=b"\0asm\x01\0\0\0\xff\xff"))
-    assert "\n" not in str(info.value) and str(info.value).startswith("plugin bad: module: invalid WebAssembly")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("plugin bad: module: invalid WebAssembly")
 
 
 def test_missing_abi_marker_names_what_was_found(runtime: Runtime) -> None:
@@ -105,7 +108,8 @@ def test_missing_abi_marker_names_what_was_found(runtime: Runtime) -> None:
 
 def test_unknown_abi_version_refused(runtime: Runtime) -> None:
     module = build_module(ROOT_CALLBACKS, abi="0_3_0")
-    with pytest.raises(PluginLoadError, match="unsupported Proxy-Wasm ABI version export proxy_abi_version_0_3_0"):
+    expected = "unsupported Proxy-Wasm ABI version export proxy_abi_version_0_3_0"
+    with pytest.raises(PluginLoadError, match=expected):
         runtime.load_plugin(PluginSpec(name="future", module=module))
 
 
@@ -133,7 +137,8 @@ def test_module_without_allocator_refused(runtime: Runtime) -> None:
 
 def test_start_runs_for_command_modules_and_exit_zero_is_success(runtime: Runtime) -> None:
     wasi = '(import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))'
-    body = ROOT_CALLBACKS + '(func (export "_start") (call $save (i32.const 0) (i32.const 7)) (call $exit (i32.const 0)))'
+    body = ROOT_CALLBACKS + """(func (export "_start")
+        (call $save (i32.const 0) (i32.const 7)) (call $exit (i32.const 0)))"""
     factory = runtime.load_plugin(PluginSpec(name="cmd", module=build_module(body, wasi_imports=wasi)))
     assert slot(factory, 0) == 7
 

@@ -49,8 +49,8 @@ for key, raw in {
     "legacy_node_meta": b"node\0metadata\0ISTIO_VERSION", "conn_id": b"connection_id",
     "myprop": b"myprop", "v1": b"v1", "k": b"k", "val": b"val",
     "metric": b"hits_reporter=wasm", "queue": b"q", "item": b"item",
-    "auth": b"auth", "nope": b"nope", "call_headers": encode_pairs([(b":method", b"GET"), (b":path", b"/check"),
-                                                                   (b":authority", b"auth")]),
+    "auth": b"auth", "nope": b"nope",
+    "call_headers": encode_pairs([(b":method", b"GET"), (b":path", b"/check"), (b":authority", b"auth")]),
     "bad_headers": encode_pairs([(b":method", b"GET")]), "call_body": b"ping",
     "compress": b"compress", "uncompress": b"uncompress", "nothing": b"nothing", "text": b"hello hello hello",
     "status": b":status", "details": b"denied", "reply_body": b"nope",
@@ -157,10 +157,12 @@ BODY = f"""
   (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
   (drop (call $proxy_get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) {R}))
   {LOG_RET}
-  (call $save (i32.const 31) (call $proxy_set_buffer_bytes (i32.const 0) (i32.const 0) (i32.const 0) {S["pre"]}))
+  (call $save (i32.const 31)
+      (call $proxy_set_buffer_bytes (i32.const 0) (i32.const 0) (i32.const 0) {S["pre"]}))
   (call $save (i32.const 32) (call $proxy_set_buffer_bytes (i32.const 0) (i32.const 0x7fffffff) (i32.const 0)
       {S["post"]}))
-  (call $save (i32.const 33) (call $proxy_set_buffer_bytes (i32.const 0) (i32.const 2) (i32.const 1) {S["post"]}))
+  (call $save (i32.const 33)
+      (call $proxy_set_buffer_bytes (i32.const 0) (i32.const 2) (i32.const 1) {S["post"]}))
   (i32.const 0))
 (func (export "proxy_on_response_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
   (drop (call $proxy_replace_header_map_value (i32.const 2) {S["server"]} {S["wasm"]}))

@@ -228,15 +228,23 @@ class WasmHttpFilter:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         self.response_headers = headers
-        return self._headers_status(self._encode("proxy_on_response_headers", len(headers), int(end_stream)))
+        # A local reply sent while decoding (ours, or FAIL_CLOSE's 503) must pass this encoder (as Envoy).
+        passthrough = self.local_reply_sent or self._stopped_by_failure()
+        result = self._encode("proxy_on_response_headers", len(headers), int(end_stream))
+        status = self._headers_status(result)
+        return FilterHeadersStatus.CONTINUE if passthrough else status
 
     def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.response_body = data
-        return self._data_status(self._encode("proxy_on_response_body", len(data), int(end_stream)))
+        passthrough = self.local_reply_sent or self._stopped_by_failure()
+        status = self._data_status(self._encode("proxy_on_response_body", len(data), int(end_stream)))
+        return FilterDataStatus.CONTINUE if passthrough else status
 
     def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
         self.response_trailers = trailers
-        return self._trailers_status(self._encode("proxy_on_response_trailers", len(trailers)))
+        passthrough = self.local_reply_sent or self._stopped_by_failure()
+        status = self._trailers_status(self._encode("proxy_on_response_trailers", len(trailers)))
+        return FilterTrailersStatus.CONTINUE if passthrough else status
 
     def on_log(self) -> None:
         # Envoy creates the context first if the request never reached this filter.

@@ -75,6 +75,14 @@ def _config_bytes(config: ConfigLike, what: str) -> bytes:
         raise HarnessError(f"{what}: not JSON-serialisable: {exc}") from exc
 
 
+def _name_from_path(path: Path) -> str:
+    """``.../ip-acl/1.0.0/plugin.wasm`` → ``ip-acl``: skip generic file and version names."""
+    for part in [path.stem, *(p.name for p in path.parents)]:
+        if part and part != "plugin" and not part[0].isdigit():
+            return part
+    return path.stem
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
@@ -393,7 +401,8 @@ class _HarnessHttpCaller:
         timeout_ms: int,
         on_response: Callable[[HttpCallResponse | None], None],
     ) -> bool:
-        handler = self._harness.clusters.get(cluster)
+        clusters = self._harness.clusters
+        handler = clusters.get(cluster, clusters.get("*"))
         if handler is None:
             return False
         call = HttpCall(cluster, headers.copy(), bytes(body), trailers.copy(), timeout_ms)
@@ -517,7 +526,7 @@ class PluginHarness:
                 module = path.read_bytes()
             except OSError as exc:
                 raise HarnessError(f"{path}: cannot read plugin module: {exc.strerror}") from exc
-            default_name = path.stem if path.stem != "plugin" else path.parent.name or path.stem
+            default_name = _name_from_path(path)
         else:
             default_name = f"plugin-{index}"
         kwargs: dict[str, Any] = {}

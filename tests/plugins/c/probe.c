@@ -1080,7 +1080,7 @@ uint32_t proxy_on_response_headers(uint32_t context_id, uint32_t num_headers, ui
     report_header(s, PW_MAP_RESPONSE_HEADERS, "x-probe-absent", "resp-get-absent");
     add_status(s, "resp-add", add_header(PW_MAP_RESPONSE_HEADERS, "x-probe-resp-added", "added"));
     add_status(s, "resp-replace", replace_header(PW_MAP_RESPONSE_HEADERS, "x-probe-resp-replaced", "replaced"));
-    add_status(s, "resp-remove", remove_header(PW_MAP_RESPONSE_HEADERS, "x-probe-resp-remove"));
+    add_status(s, "resp-removed", remove_header(PW_MAP_RESPONSE_HEADERS, "x-probe-resp-remove"));
     report_pairs(s, PW_MAP_RESPONSE_HEADERS, "resp");
   }
   if (has_case(s, "props")) {
