@@ -187,3 +187,16 @@ def assert_same_exchange(envoy: ObservedExchange | str, wasmesh: ObservedExchang
         if e.body != w.body:
             lines.append(f"  upstream body: envoy {e.body[:200]!r}, wasmesh {w.body[:200]!r}")
     pytest.fail("wasmesh differs from Envoy:\n" + "\n".join(lines), pytrace=False)
+
+
+def higress_module(name: str) -> Path:
+    """The plugin.wasm of one of PyPI gpustack-higress-plugins' Go plugins (skip if absent)."""
+    try:
+        import gpustack_higress_plugins
+    except ImportError:
+        pytest.skip("gpustack-higress-plugins is not installed")
+    root = Path(gpustack_higress_plugins.__file__).parent / "plugins" / name
+    found = sorted(root.glob("*/plugin.wasm"))
+    if not found:
+        pytest.skip(f"gpustack-higress-plugins has no {name} plugin")
+    return found[-1]

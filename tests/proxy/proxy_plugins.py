@@ -50,10 +50,12 @@ def header_plugin_wat(tag: str) -> str:
   (data (i32.const 200) "x-resp-chain")
   (data (i32.const 300) "{_wat_string(tag)}")
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $add_header (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {len(tag)})))
+    (drop (call $add_header
+      (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {len(tag)})))
     (i32.const 0))
   (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (drop (call $add_header (i32.const 2) (i32.const 200) (i32.const 12) (i32.const 300) (i32.const {len(tag)})))
+    (drop (call $add_header
+      (i32.const 2) (i32.const 200) (i32.const 12) (i32.const 300) (i32.const {len(tag)})))
     (i32.const 0)))
 """
 
@@ -63,7 +65,8 @@ def rewrite_plugin_wat(path: str) -> str:
   (data (i32.const 100) ":path")
   (data (i32.const 300) "{_wat_string(path)}")
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $replace_header (i32.const 0) (i32.const 100) (i32.const 5) (i32.const 300) (i32.const {len(path)})))
+    (drop (call $replace_header
+      (i32.const 0) (i32.const 100) (i32.const 5) (i32.const 300) (i32.const {len(path)})))
     (i32.const 0)))
 """
 

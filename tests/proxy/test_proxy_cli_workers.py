@@ -67,7 +67,9 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_module(d, "a", header_plugin_wat("A"))
     write_module(d, "b", header_plugin_wat("B"))
     (d / "wasmplugins.yaml").write_text(
-        wasmplugin_yaml("tag-a", d / "a.wasm", phase="AUTHN") + "---\n" + wasmplugin_yaml("tag-b", d / "b.wasm")
+        wasmplugin_yaml("tag-a", d / "a.wasm", phase="AUTHN")
+        + "---\n"
+        + wasmplugin_yaml("tag-b", d / "b.wasm")
     )
     return d
 
@@ -88,7 +90,8 @@ def test_wasmesh_run_with_plugins_and_admin(
     port, admin = free_port(), free_port()
     proc = _wasmesh(
         "run", "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{echo.port}",
-        "-f", str(plugin_dir / "wasmplugins.yaml"), f"file://{plugin_dir / 'a.wasm'}", "--config", '{"k": "v"}',
+        "-f", str(plugin_dir / "wasmplugins.yaml"), f"file://{plugin_dir / 'a.wasm'}",
+        "--config", '{"k": "v"}',
         "--root-id", "root", "--admin", f"127.0.0.1:{admin}",
     )  # fmt: skip
     run_proc.append(proc)
@@ -113,7 +116,9 @@ def test_wasmesh_run_with_plugins_and_admin(
     assert _stop(proc) == 0
 
 
-def test_workers_share_port_and_drain_gracefully(echo: EchoServer, run_proc: list[subprocess.Popen[str]]) -> None:
+def test_workers_share_port_and_drain_gracefully(
+    echo: EchoServer, run_proc: list[subprocess.Popen[str]]
+) -> None:
     port, admin = free_port(), free_port()
     proc = _wasmesh(
         "run", "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{echo.port}",
@@ -131,7 +136,10 @@ def test_workers_share_port_and_drain_gracefully(echo: EchoServer, run_proc: lis
 
     # In-flight requests survive SIGTERM (drain), new connections are refused afterwards.
     results: list[int] = []
-    slow = [threading.Thread(target=lambda: results.append(request(port, path="/delay?ms=700")[0])) for _ in range(4)]
+    slow = [
+        threading.Thread(target=lambda: results.append(request(port, path="/delay?ms=700")[0]))
+        for _ in range(4)
+    ]
     for t in slow:
         t.start()
     time.sleep(0.3)
@@ -149,7 +157,10 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
         "        routes:\n          - match: {prefix: /}\n            cluster: missing\nclusters: []\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "wasmesh", "proxy", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "wasmesh", "proxy", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
@@ -157,8 +168,10 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
     assert str(cfg) in lines[0] and "listeners[0].virtual_hosts[0].routes[0].cluster" in lines[0]
 
     bad_plugin = tmp_path / "wp.yaml"
-    bad_plugin.write_text("apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x}\n"
-                          "spec: {url: 'file:///nonexistent/x.wasm', phase: NOPE}\n")
+    bad_plugin.write_text(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x}\n"
+        "spec: {url: 'file:///nonexistent/x.wasm', phase: NOPE}\n"
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "wasmesh", "run", "--listen", f"127.0.0.1:{free_port()}", "--upstream",
          "http://127.0.0.1:1", "-f", str(bad_plugin)],

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_plugins import header_plugin_wat, rewrite_plugin_wat, trap_plugin_wat, wasmplugin_yaml, write_module
+from proxy_plugins import (
+    header_plugin_wat,
+    rewrite_plugin_wat,
+    trap_plugin_wat,
+    wasmplugin_yaml,
+    write_module,
+)
 from proxy_testsupport import EchoServer, LoopThread, StartProxy, request, simple_config
 
 from wasmesh.proxy.reload import ReloadWatcher
@@ -66,7 +72,9 @@ def test_path_rewrite_reselects_route(
     f.write_text(wasmplugin_yaml("rewrite", modules["rewrite"]))
     raw = simple_config(echo.port)
     raw["clusters"].append({"name": "other", "endpoints": [f"127.0.0.1:{echo_b.port}"]})
-    raw["listeners"][0]["virtual_hosts"][0]["routes"].insert(0, {"match": {"prefix": "/other"}, "cluster": "other"})
+    raw["listeners"][0]["virtual_hosts"][0]["routes"].insert(
+        0, {"match": {"prefix": "/other"}, "cluster": "other"}
+    )
     proxy = start_proxy(_with_plugins(raw, f))
     status, headers, body = request(_port(proxy), path="/start")
     assert status == 200
@@ -76,7 +84,12 @@ def test_path_rewrite_reselects_route(
 
 @pytest.mark.parametrize(("strategy", "expected"), [("FAIL_CLOSE", 503), ("FAIL_OPEN", 200)])
 def test_trapping_plugin_gets_failure_policy_answer(
-    start_proxy: StartProxy, echo: EchoServer, modules: dict[str, Path], tmp_path: Path, strategy: str, expected: int
+    start_proxy: StartProxy,
+    echo: EchoServer,
+    modules: dict[str, Path],
+    tmp_path: Path,
+    strategy: str,
+    expected: int,
 ) -> None:
     f = tmp_path / "trap.yaml"
     f.write_text(wasmplugin_yaml("trap", modules["trap"], fail_strategy=strategy))
@@ -87,7 +100,11 @@ def test_trapping_plugin_gets_failure_policy_answer(
 
 
 def test_reload_swaps_chain_without_failing_in_flight(
-    start_proxy: StartProxy, echo: EchoServer, modules: dict[str, Path], tmp_path: Path, loop_thread: LoopThread
+    start_proxy: StartProxy,
+    echo: EchoServer,
+    modules: dict[str, Path],
+    tmp_path: Path,
+    loop_thread: LoopThread,
 ) -> None:
     plugins = tmp_path / "plugins.yaml"
     plugins.write_text(wasmplugin_yaml("tagger", modules["A"]))

@@ -75,7 +75,7 @@ def build_module(
 {segments}
 {body}
 )"""
-    return wasmtime.wat2wasm(wat)
+    return bytes(wasmtime.wat2wasm(wat))
 
 
 def slot(plugin: WasmPlugin, n: int) -> int:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from wasmesh.agent import agentcmd
 from wasmesh.agent.cache import ModuleCache
 from wasmesh.agent.errors import FetchError
 from wasmesh.agent.options import CacheOptions
@@ -163,3 +164,4 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="overall deadline")
     parser.set_defaults(handler=run_pull)
+    agentcmd.register(subparsers)  # `wasmesh agent` (owned by agentcmd.py)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
@@ -92,7 +92,13 @@ class _FetchFailed(Exception):
         self.result = result
 
 
-WasmFilter = http_wasm_pb2.Wasm | network_wasm_pb2.Wasm
+# http_wasm_pb2.Wasm or network_wasm_pb2.Wasm (the generated Envoy protos carry no type stubs).
+WasmFilter: TypeAlias = message.Message
+
+
+def plugin_config(wasm: WasmFilter) -> wasm_pb2.PluginConfig:
+    """The ``config`` field both Wasm filter messages have."""
+    return getattr(wasm, "config")  # noqa: B009
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class ResourceConversion:
 def fails_open(config: wasm_pb2.PluginConfig) -> bool:
     """FAIL_OPEN from ``failure_policy``, falling back to the deprecated ``fail_open`` bool when unset."""
     if config.failure_policy != wasm_pb2.UNSPECIFIED:
-        return config.failure_policy == wasm_pb2.FAIL_OPEN
+        return bool(config.failure_policy == wasm_pb2.FAIL_OPEN)
     return bool(config.fail_open)
 
 
@@ -171,7 +177,9 @@ def parse_resource(resource: any_pb2.Any) -> _RemoteWasm | None:
     """
     extension = extension_pb2.TypedExtensionConfig()
     if resource.type_url != EXTENSION_CONFIG_TYPE:
-        raise _Unreadable(f"failed to unmarshal extension config resource: unexpected type {resource.type_url}")
+        raise _Unreadable(
+            f"failed to unmarshal extension config resource: unexpected type {resource.type_url}"
+        )
     try:
         resource.Unpack(extension)
     except message.DecodeError as exc:
@@ -199,7 +207,7 @@ def parse_resource(resource: any_pb2.Any) -> _RemoteWasm | None:
         ) from None
     if wasm is None:
         return None
-    code = wasm.config.vm_config.code
+    code = plugin_config(wasm).vm_config.code
     if not code.HasField("remote"):
         if not code.HasField("local"):
             kind = "Network" if isinstance(wasm, network_wasm_pb2.Wasm) else "HTTP"
@@ -240,7 +248,9 @@ def take_fetch_order(vm_config: wasm_pb2.VmConfig, config_name: str) -> _FetchOr
         if not values and not env.host_env_keys:
             vm_config.ClearField("environment_variables")
     if secret_missing:
-        raise _FetchFailed(f"cannot fetch Wasm module {config_name}: missing image pulling secret", "fetch_failure")
+        raise _FetchFailed(
+            f"cannot fetch Wasm module {config_name}: missing image pulling secret", "fetch_failure"
+        )
     remote = vm_config.code.remote
     if not remote.HasField("http_uri"):
         raise _FetchFailed(
@@ -271,14 +281,18 @@ class EcdsConverter:
         self.enabled = enabled
 
     async def convert_response(self, resources: Sequence[any_pb2.Any]) -> list[any_pb2.Any]:
-        """The resources to forward to Envoy, in order; ``ConversionError`` when the response must be NACKed."""
+        """The resources to forward to Envoy, in order.
+
+        Raises ``ConversionError`` when the response must be NACKed.
+        """
         if not self.enabled:
             return list(resources)
         started = time.monotonic()
         try:
             outcomes = await asyncio.gather(*(self.convert_resource(resource) for resource in resources))
         finally:
-            # One observation per response, as istio-agent's deferred Record in MaybeConvertWasmExtensionConfig.
+            # One observation per response, as istio-agent's deferred Record in
+            # MaybeConvertWasmExtensionConfig.
             self.metrics.config_conversion_duration.observe((time.monotonic() - started) * 1000.0)
         errors = [outcome.error for outcome in outcomes if outcome.error]
         if errors:
@@ -303,7 +317,7 @@ class EcdsConverter:
         try:
             path = await self._fetch(remote)
         except _FetchFailed as exc:
-            allow = fails_open(remote.wasm.config)
+            allow = fails_open(plugin_config(remote.wasm))
             log.error(
                 "error in converting the wasm config to local: %s. applying %s RBAC filter",
                 exc,
@@ -311,14 +325,14 @@ class EcdsConverter:
             )
             fallback = fallback_rbac(remote.extension.name, network=remote.is_network, allow=allow)
             return ResourceConversion(fallback, exc.result)
-        vm_config = remote.wasm.config.vm_config
+        vm_config = plugin_config(remote.wasm).vm_config
         vm_config.code.CopyFrom(base_pb2.AsyncDataSource(local=base_pb2.DataSource(filename=str(path))))
         remote.extension.typed_config.CopyFrom(_pack(remote.wasm))  # a TypedStruct comes out typed
         return ResourceConversion(_pack(remote.extension), "success")
 
     async def _fetch(self, remote: _RemoteWasm) -> Path:
-        config = remote.wasm.config
-        order = take_fetch_order(config.vm_config, config.name)
+        config = plugin_config(remote.wasm)
+        order = take_fetch_order(config.vm_config, str(config.name))
         try:
             return await self.cache.get(
                 order.url,
@@ -330,4 +344,6 @@ class EcdsConverter:
                 timeout_s=order.timeout_s,
             )
         except FetchError as exc:
-            raise _FetchFailed(f"cannot fetch Wasm module {order.url}: {exc.message}", "fetch_failure") from None
+            raise _FetchFailed(
+                f"cannot fetch Wasm module {order.url}: {exc.message}", "fetch_failure"
+            ) from None

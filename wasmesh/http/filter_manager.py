@@ -47,7 +47,13 @@ from wasmesh.http.filter import (
 )
 from wasmesh.http.headers import HeaderMap
 
-__all__ = ["FilterManager", "DEFAULT_BUFFER_LIMIT", "http_to_grpc_status", "reason_phrase"]
+__all__ = [
+    "FilterManager",
+    "DEFAULT_BUFFER_LIMIT",
+    "grpc_percent_encode",
+    "http_to_grpc_status",
+    "reason_phrase",
+]
 
 DEFAULT_BUFFER_LIMIT = 1 << 20  # Envoy's default per_connection_buffer_limit_bytes
 
@@ -79,6 +85,13 @@ _UPSTREAM_FAILURE_BODIES: dict[int, bytes] = {
 
 def reason_phrase(status: int) -> str:
     return _REASONS.get(status, "Unknown")
+
+
+def grpc_percent_encode(message: bytes) -> bytes:
+    """grpc-message encoding (Envoy's Grpc::Utility::PercentEncoding): non-printables and '%'."""
+    return b"".join(
+        b"%%%02X" % byte if byte < 0x20 or byte > 0x7E or byte == 0x25 else bytes([byte]) for byte in message
+    )
 
 
 def http_to_grpc_status(http_status: int) -> int:
@@ -724,7 +737,7 @@ class FilterManager:
             code = grpc_status if grpc_status is not None else http_to_grpc_status(status)
             headers.set(b"grpc-status", str(code).encode())
             if body:
-                headers.set(b"grpc-message", body)
+                headers.set(b"grpc-message", grpc_percent_encode(body))
             return headers, b""
         if body and not self._head_request:
             headers.set(b"content-length", str(len(body)).encode())
