@@ -111,6 +111,8 @@ def _positive(value: str) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
+    if args.xds is not None or args.config is None:
+        return _proxy_xds(args)
     return run_proxy(
         FileConfigSource(args.config), workers=args.workers, admin=args.admin, log_level=args.log_level
     )
@@ -150,7 +152,8 @@ def register(subparsers: Any) -> None:
         description="Run the wasmesh HTTP/1.1 proxy "
         "(listeners, routes, clusters, WasmPlugin chains) from a YAML config; see docs/proxy-config.md.",
     )
-    proxy.add_argument("--config", "-c", required=True, metavar="FILE", help="proxy YAML config")
+    proxy.add_argument("--config", "-c", metavar="FILE", help="proxy YAML config (or give --xds)")
+    _xds_flags(proxy)
     _common(proxy)
     proxy.set_defaults(handler=_proxy)
 
@@ -177,3 +180,48 @@ def register(subparsers: Any) -> None:
     run.add_argument("--timeout", default="15s", help="route timeout (default 15s, as Envoy)")
     _common(run)
     run.set_defaults(handler=_run)
+
+
+# ---- xDS mode (wasmesh.proxy.xds): listeners, routes, clusters and chains come from a control plane.
+
+
+def _xds_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--xds", metavar="HOST:PORT", help="control plane ADS address (instead of --config)")
+    p.add_argument(
+        "--node-id", metavar="ID", help="xDS node id (also the Workload name); required with --xds"
+    )
+    p.add_argument(
+        "--labels", default="", metavar="k=v,...", help="this proxy's labels for WasmPlugin selectors"
+    )
+    p.add_argument("--namespace", default="default", metavar="NS", help="this proxy's namespace")
+    p.add_argument("--cache-dir", metavar="DIR", help="module cache for remote (http/oci) plugins")
+
+
+def _proxy_xds(args: argparse.Namespace) -> int:
+    import sys
+
+    from wasmesh.proxy.xds import XdsOptions, parse_labels, run_xds_proxy
+
+    if args.xds is None:
+        print("error: wasmesh proxy: give --config FILE or --xds HOST:PORT", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        print("error: wasmesh proxy: --config and --xds are exclusive", file=sys.stderr)
+        return 2
+    if not args.node_id:
+        print("error: wasmesh proxy: --node-id: required with --xds", file=sys.stderr)
+        return 2
+    try:
+        parse_host_port(args.xds, ConfigContext("wasmesh proxy"), "--xds")
+        labels = parse_labels(args.labels)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = XdsOptions(
+        target=args.xds,
+        node_id=args.node_id,
+        labels=labels,
+        namespace=args.namespace,
+        cache_dir=args.cache_dir,
+    )
+    return run_xds_proxy(options, workers=args.workers, admin=args.admin, log_level=args.log_level)

@@ -86,7 +86,9 @@ log = logging.getLogger("wasmesh.proxy.xds")
 
 ROUTER_FILTER = "envoy.filters.http.router"
 # ISTIO_META_* VM env keys carry control plane → agent metadata (pull policy, secret, resource
-# version); they are consumed here and never shown to the plugin, as istio-agent strips them.
+# version). For remote code they are consumed here and stripped, as istio-agent strips them before
+# Envoy sees the config; local code passes through with them, as it does through the agent. (The
+# resource version in the env is also why two plugins of one module get separate VMs, as in Envoy.)
 _ISTIO_META_PREFIX = "ISTIO_META_"
 ENV_RESOURCE_VERSION = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
 ENV_PULL_POLICY = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
@@ -358,7 +360,11 @@ def _wasm_filter(resource_name: str, config: wasm_pb2.PluginConfig) -> WasmFilte
         pull_secret=variables.key_values.get(ENV_PULL_SECRET, ""),
         resource_version=variables.key_values.get(ENV_RESOURCE_VERSION, ""),
         env=tuple(
-            sorted((k, v) for k, v in variables.key_values.items() if not k.startswith(_ISTIO_META_PREFIX))
+            sorted(
+                (k, v)
+                for k, v in variables.key_values.items()
+                if local or not k.startswith(_ISTIO_META_PREFIX)
+            )
         ),
         host_env_keys=tuple(variables.host_env_keys),
     )
@@ -367,15 +373,17 @@ def _wasm_filter(resource_name: str, config: wasm_pb2.PluginConfig) -> WasmFilte
 def _rbac_filter(resource_name: str, rbac: http_rbac_pb2.RBAC) -> RbacFilterSpec:
     # Istio's substitutes: allow-all is RBAC{} (no rules: everything passes); deny-all is
     # RBAC{rules: {}} (ALLOW action without policies: nothing matches, so everything is denied).
+    if rbac.HasField("matcher") or rbac.HasField("shadow_matcher"):
+        raise XdsConfigError(f"extension config {resource_name}: RBAC matcher is not supported")
     if not rbac.HasField("rules"):
-        return RbacFilterSpec(resource_name, allow=True, stat_prefix=rbac.stat_prefix)
+        return RbacFilterSpec(resource_name, allow=True, stat_prefix=rbac.rules_stat_prefix)
     if rbac.rules.policies:
         raise XdsConfigError(
             f"extension config {resource_name}: RBAC rules.policies are not supported "
             "(only deny-all / allow-all)"
         )
     allow = rbac.rules.action != rbac_pb2.RBAC.ALLOW  # DENY/LOG with no policies deny nothing
-    return RbacFilterSpec(resource_name, allow=allow, stat_prefix=rbac.stat_prefix)
+    return RbacFilterSpec(resource_name, allow=allow, stat_prefix=rbac.rules_stat_prefix)
 
 
 def translate_listener(
