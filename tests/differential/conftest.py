@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from differential_support import upstream_reply  # type: ignore[import-not-found]
+from differential_support import upstream_reply
 
 from wasmesh.testing.upstream import RecordingUpstream
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from differential_support import (  # type: ignore[import-not-found]
+from differential_support import (
     DifferentialPair,
     assert_same_exchange,
     higress_module,

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from differential_support import (  # type: ignore[import-not-found]
+from differential_support import (
     TEST_PLUGINS,
     DifferentialPair,
     assert_same_exchange,

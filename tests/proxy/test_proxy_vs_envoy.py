@@ -108,6 +108,7 @@ def _observe(port: int, upstream: RecordingUpstream, method: str, path: str, hea
              ) -> Observed:  # fmt: skip
     upstream.clear()
     status, resp_headers, body = _send(port, method, path, headers)
+    print("PATHS", port, [r.path for r in upstream.requests])
     main = [r for r in upstream.requests if not r.path.startswith("/token-auth")]
     seen = None
     if main:

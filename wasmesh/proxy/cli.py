@@ -78,7 +78,9 @@ class RunConfigSource:
                             "domains": ["*"],
                             "routes": [
                                 {
-                                    "name": "all",
+                                    # Envoy's static configs conventionally call the catch-all "default";
+                                    # plugins that match on route names see the same name here.
+                                    "name": "default",
                                     "match": {"prefix": "/"},
                                     "cluster": "upstream",
                                     "timeout": self.timeout,
