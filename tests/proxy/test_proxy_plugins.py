@@ -140,3 +140,28 @@ def test_reload_swaps_chain_without_failing_in_flight(
     assert loop_thread.run(watcher.check_once()) is False
     assert request(port)[1]["x-resp-chain"] == "B"
     assert proxy.stats.config_reload_failed == 2
+
+
+def test_http_call_over_cluster_manager(start_proxy: StartProxy, echo: EchoServer, loop_thread: LoopThread) -> None:
+    from wasmesh.http.headers import HeaderMap
+    from wasmesh.proxy.plugins import ClusterHttpCaller
+
+    proxy = start_proxy(simple_config(echo.port))
+    caller = ClusterHttpCaller(lambda: proxy.clusters)
+    answers: list[Any] = []
+
+    async def call(cluster: str, path: str, timeout_ms: int) -> bool:
+        headers = HeaderMap([(b":method", b"POST"), (b":path", path.encode()), (b":authority", b"svc")])
+        return caller.dispatch(cluster, headers, b"payload", HeaderMap(), timeout_ms, answers.append)
+
+    assert loop_thread.run(call("nope", "/", 1000)) is False
+    assert loop_thread.run(call("backend", "/called", 2000)) is True
+    assert loop_thread.run(call("backend", "/hang", 200)) is True
+    deadline = time.monotonic() + 5
+    while len(answers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ok, timed_out = answers
+    assert ok.headers.get(b":status") == b"200"
+    info = json.loads(ok.body)
+    assert info["path"] == "/called" and info["body_len"] == 7 and dict(info["headers"])["host"] == "svc"
+    assert timed_out is None

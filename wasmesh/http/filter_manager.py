@@ -53,6 +53,7 @@ __all__ = [
     "grpc_percent_encode",
     "http_to_grpc_status",
     "reason_phrase",
+    "upstream_failure_body",
 ]
 
 DEFAULT_BUFFER_LIMIT = 1 << 20  # Envoy's default per_connection_buffer_limit_bytes
@@ -76,11 +77,20 @@ _REASONS: dict[int, str] = {
     504: "Gateway Timeout",
 }
 
-# Bodies Envoy's router uses for the upstream failures a transport reports.
-_UPSTREAM_FAILURE_BODIES: dict[int, bytes] = {
-    503: b"upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-    504: b"upstream request timeout",
-}
+_RESET_BEFORE_RESPONSE = "upstream_reset_before_response_started{"
+
+
+def upstream_failure_body(status: int, details: str) -> bytes:
+    """The body Envoy's router sends for an upstream failure with these response details
+    (kept identical to the proxy's pass-through path for chains without plugins)."""
+    if details.startswith(_RESET_BEFORE_RESPONSE) and details.endswith("}"):
+        reason = details[len(_RESET_BEFORE_RESPONSE) : -1]
+        return b"upstream connect error or disconnect/reset before headers. reset reason: " + reason.encode()
+    if status == 504:
+        return b"upstream request timeout"
+    if status == 404:
+        return b""
+    return details.encode()
 
 
 def reason_phrase(status: int) -> str:
@@ -370,7 +380,7 @@ class FilterManager:
             if self._closed() or self.local_reply_sent:
                 return
             if body is None:
-                body = _UPSTREAM_FAILURE_BODIES.get(status, reason_phrase(status).encode())
+                body = upstream_failure_body(status, details)
             self._create_chain()
             # The router is the last decoder filter: every filter sees its reply.
             self._send_local_reply(status, body, [], details, None, from_router=True)
