@@ -612,3 +612,59 @@ def test_clear_route_cache_and_callbacks_expose_maps() -> None:
     assert fm.route_cache_cleared and seen["resp"] is None
     assert seen["req"].get(b":path") == b"/rewritten"
     assert sink.first("up_headers")[1].get(b":path") == b"/rewritten"
+
+
+def test_head_request_local_reply_has_no_body() -> None:
+    j: Journal = []
+    a = ScriptedFilter("a", j, decode_headers=lambda f, h, e: (
+        f.callbacks.send_local_reply(404, b"not here", [], "nope"), H.STOP_ITERATION)[1])  # fmt: skip
+    fm, sink = make(a)
+    fm.on_request_headers(req(b"HEAD"), True)
+    _, headers, end = sink.first("down_headers")
+    assert end is True and headers.get(b":status") == b"404" and sink.downstream_body() == b""
+
+
+def test_encoder_stop_iteration_then_continue_encoding() -> None:
+    j: Journal = []
+    inner = ScriptedFilter("inner", j, encode_headers=lambda f, h, e: H.STOP_ITERATION,
+                           encode_data=lambda f, d, e: D.STOP_ITERATION_AND_BUFFER)  # fmt: skip
+    outer = ScriptedFilter("outer", j)
+    fm, sink = make(outer, inner)
+    fm.on_request_headers(req(b"GET"), True)
+    fm.on_response_headers(resp(200), False)
+    fm.on_response_data(b"abc", True)
+    assert sink.kinds() == ["up_headers"]
+    inner.callbacks.continue_encoding()  # e.g. after an http_call answered
+    assert sink.kinds() == ["up_headers", "down_headers", "down_data"]
+    assert sink.downstream_body() == b"abc" and fm.response_complete
+    assert [x for n, e, x in j if n == "outer" and e == "encode_data_raw"] == [(b"abc", True)]
+
+
+def test_filter_adds_response_trailers_in_last_data_frame() -> None:
+    j: Journal = []
+
+    def add(f: ScriptedFilter, d: bytearray, e: bool) -> D:
+        if e:
+            f.callbacks.add_response_trailers().add(b"x-digest", b"d")
+        return D.CONTINUE
+
+    fm, sink = make(ScriptedFilter("a", j, encode_data=add))
+    fm.on_request_headers(req(b"GET"), True)
+    fm.on_response_headers(resp(200), False)
+    fm.on_response_data(b"body", True)
+    assert sink.kinds() == ["up_headers", "down_headers", "down_data", "down_trailers"]
+    assert sink.first("down_data")[2] is False and sink.first("down_trailers")[1].get(b"x-digest") == b"d"
+
+
+def test_local_reply_while_an_encoder_holds_upstream_headers_goes_direct() -> None:
+    j: Journal = []
+    inner = ScriptedFilter("inner", j, encode_headers=lambda f, h, e: H.STOP_ITERATION)
+    outer = ScriptedFilter("outer", j)
+    fm, sink = make(outer, inner)
+    fm.on_request_headers(req(b"GET"), True)
+    fm.on_response_headers(resp(200), True)
+    inner.callbacks.send_local_reply(503, b"later", [], "async_reply")  # from a timer/callout
+    inner.callbacks.continue_encoding()  # a late continue changes nothing
+    assert [e[0] for e in sink.events] == ["up_headers", "down_headers", "down_data"]
+    assert sink.first("down_headers")[1].get(b":status") == b"503"
+    assert "encode_headers" not in events_of(j, "outer")

@@ -111,3 +111,15 @@ def test_bad_inputs_fail_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(PluginLoadError) as refused:
         PluginHarness(PROBE, config={"fail_configure": True})  # the probe refuses this config
     assert "\n" not in str(refused.value)
+
+
+def test_trailers_both_ways_and_chunked_body(probe: PluginHarness) -> None:
+    upstream = Upstream(200, {"content-type": "text/plain"}, b"streamed", trailers={"x-trailer-in": "up"})
+    r = probe.request("POST", "/", headers={"x-probe": "req-trailers,resp-trailers"},
+                      chunks=[b"part1-", b"part2"], trailers={"x-trailer-in": "down"}, upstream=upstream)
+    up = r.upstream_request
+    assert up is not None and up.body == b"part1-part2" and up.trailers is not None
+    assert up.trailers.get(b"x-probe-trailer-added") == b"added"
+    assert r.header("x-probe-req-trailer-get") == "0:down"
+    assert r.trailers is not None and r.trailers.get(b"x-probe-resp-trailer-added") == b"added"
+    assert r.trailers.get(b"x-probe-resp-trailer-get") == b"0:up"

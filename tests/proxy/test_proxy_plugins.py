@@ -142,7 +142,9 @@ def test_reload_swaps_chain_without_failing_in_flight(
     assert proxy.stats.config_reload_failed == 2
 
 
-def test_http_call_over_cluster_manager(start_proxy: StartProxy, echo: EchoServer, loop_thread: LoopThread) -> None:
+def test_http_call_over_cluster_manager(
+    start_proxy: StartProxy, echo: EchoServer, loop_thread: LoopThread
+) -> None:
     from wasmesh.http.headers import HeaderMap
     from wasmesh.proxy.plugins import ClusterHttpCaller
 

@@ -104,8 +104,10 @@ def _send(
         conn.close()
 
 
-def _observe(port: int, upstream: RecordingUpstream, method: str, path: str, headers: Sequence[tuple[str, str]]
-             ) -> Observed:  # fmt: skip
+Headers = Sequence[tuple[str, str]]
+
+
+def _observe(port: int, upstream: RecordingUpstream, method: str, path: str, headers: Headers) -> Observed:
     upstream.clear()
     status, resp_headers, body = _send(port, method, path, headers)
     main = [r for r in upstream.requests if not r.path.startswith("/token-auth")]
@@ -201,4 +203,3 @@ def test_same_answers_as_envoy(
     if label == "allowed":
         assert from_envoy.upstream is not None and ("x-chain", "T") in from_envoy.upstream[2]
         assert ("x-added", "yes") in from_envoy.upstream[2] and ("x-resp-added", "1") in from_envoy.headers
-

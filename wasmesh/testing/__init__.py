@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wasmesh.testing.harness import (
+        Exchange,
         HarnessError,
         HarnessResponse,
         HttpCall,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "Exchange",
     "HarnessError",
     "HarnessResponse",
     "HttpCall",

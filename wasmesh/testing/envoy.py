@@ -9,7 +9,6 @@ check that their plugin behaves the same under Envoy.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -66,6 +65,7 @@ class EnvoyResponse:
     status: int
     headers: list[tuple[str, str]]  # names lower-cased, in wire order
     body: bytes
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -73,6 +73,43 @@ class EnvoyResponse:
             if key == name:
                 return value
         return None
+
+
+def _read_response(stream: Any, method: str) -> EnvoyResponse:
+    """A minimal HTTP/1.1 response reader that keeps trailers (http.client drops them)."""
+    status_line = stream.readline()
+    if not status_line:
+        raise ConnectionResetError("connection closed before a response")
+    parts = status_line.decode("latin-1").split(" ", 2)
+    status = int(parts[1])
+    headers: list[tuple[str, str]] = []
+    while (line := stream.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name.strip().lower(), value.strip()))
+    lookup = dict(headers)
+    trailers: list[tuple[str, str]] = []
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return EnvoyResponse(status, headers, b"")
+    if lookup.get("transfer-encoding", "").lower() == "chunked":
+        chunks: list[bytes] = []
+        while True:
+            size_line = stream.readline()
+            if not size_line:
+                raise ConnectionResetError("connection closed inside a chunked body")
+            size = int(size_line.strip().split(b";")[0], 16)
+            if size == 0:
+                while (line := stream.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    trailers.append((name.strip().lower(), value.strip()))
+                break
+            chunks.append(stream.read(size))
+            stream.readline()
+        body = b"".join(chunks)
+    elif "content-length" in lookup:
+        body = stream.read(int(lookup["content-length"]))
+    else:
+        body = stream.read()
+    return EnvoyResponse(status, headers, body, trailers)
 
 
 def _wasm_filter(plugin: EnvoyWasmPlugin, filename: str, index: int) -> dict[str, Any]:
@@ -110,6 +147,13 @@ def _cluster(name: str, port: int) -> dict[str, Any]:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
+        # HTTP/1.1 trailers are dropped unless enabled on both sides.
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}},
+            }
+        },
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
@@ -134,6 +178,7 @@ def envoy_bootstrap(
     hcm = {
         "@type": f"{_TYPE_PREFIX}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
+        "http_protocol_options": {"enable_trailers": True},
         "route_config": {
             "name": "local_route",
             "virtual_hosts": [
@@ -271,26 +316,29 @@ class EnvoyRunner:
         headers: Sequence[tuple[str, str]] | Mapping[str, str] = (),
         body: bytes = b"",
         timeout_s: float = 15.0,
+        trailers: Sequence[tuple[str, str]] = (),
     ) -> EnvoyResponse:
-        """Send exactly these headers (no implicit Host/Accept-Encoding) and read the whole response."""
+        """Send exactly these headers (``host`` defaults to example.com) and read the whole response.
+
+        With ``trailers`` the body goes chunked, followed by the trailers.
+        """
         pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
-        connection = http.client.HTTPConnection("127.0.0.1", self.listener_port, timeout=timeout_s)
-        try:
-            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-            names = {k.lower() for k, _ in pairs}
-            if "host" not in names:
-                connection.putheader("host", "example.com")
-            for key, value in pairs:
-                connection.putheader(key, value)
-            if body or method in ("POST", "PUT", "PATCH"):
-                if "content-length" not in names and "transfer-encoding" not in names:
-                    connection.putheader("content-length", str(len(body)))
-            connection.endheaders(body or None)
-            answer = connection.getresponse()
-            data = answer.read()
-            return EnvoyResponse(answer.status, [(k.lower(), v) for k, v in answer.getheaders()], data)
-        finally:
-            connection.close()
+        names = {k.lower() for k, _ in pairs}
+        if "host" not in names:
+            pairs.insert(0, ("host", "example.com"))
+        if trailers:
+            pairs.append(("transfer-encoding", "chunked"))
+            payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n"
+            payload += "".join(f"{k}: {v}\r\n" for k, v in trailers).encode("latin-1") + b"\r\n"
+        else:
+            payload = body
+            framed = "content-length" in names or "transfer-encoding" in names
+            if not framed and (body or method in ("POST", "PUT", "PATCH")):
+                pairs.append(("content-length", str(len(body))))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs) + "\r\n"
+        with socket.create_connection(("127.0.0.1", self.listener_port), timeout=timeout_s) as sock:
+            sock.sendall(head.encode("latin-1") + payload)
+            return _read_response(sock.makefile("rb"), method)
 
     def admin_get(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as answer:

@@ -29,6 +29,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.runtime import FailurePolicy, HttpCallResponse, PluginSpec, Runtime
 
 __all__ = [
+    "Exchange",
     "PluginHarness",
     "Plugin",
     "Upstream",
@@ -264,8 +265,9 @@ class ManualScheduler:
 # --------------------------------------------------------------------------------- exchange
 
 
-class _Exchange:
-    """One request through the chain; also the ExchangeSink the FilterManager talks to."""
+class Exchange:
+    """One request through the chain (what ``PluginHarness.send`` returns): ``done``,
+    ``response()``; it is also the ExchangeSink the FilterManager talks to."""
 
     def __init__(self, harness: PluginHarness, upstream: UpstreamLike) -> None:
         self._harness = harness
@@ -500,7 +502,7 @@ class PluginHarness:
         self._envoy_request_headers = envoy_request_headers
         self._buffer_limit = buffer_limit
         self._connection_ids = itertools.count(1)
-        self._exchanges: list[_Exchange] = []
+        self._exchanges: list[Exchange] = []
         self._closed = False
         self.runtime = Runtime(
             http_caller=_HarnessHttpCaller(self),
@@ -559,11 +561,11 @@ class PluginHarness:
         authority: str = "example.com",
         scheme: str = "http",
         chunks: Sequence[bytes] | None = None,
-    ) -> _Exchange:
+    ) -> Exchange:
         """Start an exchange and run until nothing more can happen now; see ``request``."""
         if self._closed:
             raise HarnessError("the harness is closed")
-        exchange = _Exchange(self, upstream if upstream is not None else DEFAULT_UPSTREAM)
+        exchange = Exchange(self, upstream if upstream is not None else DEFAULT_UPSTREAM)
         info = self._stream_info_factory() if self._stream_info_factory else self._default_stream_info(scheme)
         manager = FilterManager(self.factories, info, exchange, buffer_limit=self._buffer_limit)
         exchange.manager = manager

@@ -23,6 +23,7 @@ class RecordedRequest:
     path: str
     headers: list[tuple[str, str]]
     body: bytes
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -37,6 +38,7 @@ class Reply:
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=lambda: [("content-type", "text/plain")])
     body: bytes = b"upstream-body"
+    trailers: list[tuple[str, str]] = field(default_factory=list)  # non-empty: sent chunked
 
 
 ReplyFactory = Callable[[RecordedRequest], Reply]
@@ -81,29 +83,43 @@ class RecordingUpstream:
             protocol_version = "HTTP/1.1"
 
             def _handle(self) -> None:
+                trailers: list[tuple[str, str]] = []
                 if (self.headers.get("transfer-encoding") or "").lower() == "chunked":
-                    body = self._read_chunked()
+                    body = self._read_chunked(trailers)
                 else:
                     length = int(self.headers.get("content-length") or 0)
                     body = self.rfile.read(length) if length else b""
                 headers = [(k.lower(), v) for k, v in self.headers.items()]
-                reply = upstream._answer_for(RecordedRequest(self.command, self.path, headers, body))
+                request = RecordedRequest(self.command, self.path, headers, body, trailers)
+                reply = upstream._answer_for(request)
                 self.send_response_only(reply.status)
                 for key, value in reply.headers:
-                    if key.lower() != "content-length":
+                    if key.lower() not in ("content-length", "transfer-encoding"):
                         self.send_header(key, value)
-                self.send_header("content-length", str(len(reply.body)))
+                if reply.trailers:
+                    self.send_header("transfer-encoding", "chunked")
+                    self.send_header("trailer", ", ".join(k for k, _ in reply.trailers))
+                else:
+                    self.send_header("content-length", str(len(reply.body)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    return
+                if reply.trailers:
+                    if reply.body:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(reply.body), reply.body))
+                    tail = "".join(f"{k}: {v}\r\n" for k, v in reply.trailers)
+                    self.wfile.write(b"0\r\n" + tail.encode() + b"\r\n")
+                else:
                     self.wfile.write(reply.body)
 
-            def _read_chunked(self) -> bytes:
+            def _read_chunked(self, trailers: list[tuple[str, str]]) -> bytes:
                 chunks: list[bytes] = []
                 while True:
                     size = int(self.rfile.readline().strip().split(b";")[0], 16)
                     if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass  # trailers are not recorded
+                        while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                            name, _, value = line.decode("latin-1").partition(":")
+                            trailers.append((name.strip().lower(), value.strip()))
                         return b"".join(chunks)
                     chunks.append(self.rfile.read(size))
                     self.rfile.readline()
