@@ -17,6 +17,7 @@ import pytest
 
 from wasmesh.testing.compare import ObservedExchange, observe_envoy, observe_harness
 from wasmesh.testing.envoy import EnvoyRunner, EnvoyWasmPlugin, envoy_binary
+from wasmesh.testing.harness import HttpCall, Plugin, PluginHarness, Upstream, UpstreamRequest
 from wasmesh.testing.upstream import RecordedRequest, RecordingUpstream, Reply
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +43,15 @@ def mask_volatile(name: str, value: str) -> str:
     return value
 
 
+TRAILERS_PATH = "/with-trailers"
+
+
 def upstream_reply(request: RecordedRequest) -> Reply:
-    return CALL_REPLY if request.path == CALL_PATH else Reply()
+    if request.path == CALL_PATH:
+        return CALL_REPLY
+    if request.path == TRAILERS_PATH:
+        return Reply(trailers=[("x-trailer-in", "from-upstream"), ("grpc-status", "0")])
+    return Reply()
 
 
 CALLOUT_PATHS = frozenset({CALL_PATH, "/token-auth"})
@@ -53,41 +61,61 @@ CALLOUT_PATHS = frozenset({CALL_PATH, "/token-auth"})
 class DifferentialPair:
     envoy: EnvoyRunner
     upstream: RecordingUpstream
-    harness: object  # wasmesh.testing.PluginHarness (imported lazily: the runtime may be absent)
+    harness: PluginHarness
     mask: Callable[[str, str], str] = mask_volatile
     callout_paths: frozenset[str] = CALLOUT_PATHS  # upstream requests made by http_call, not the exchange
 
     def run_envoy(
-        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        trailers: Sequence[tuple[str, str]] = (),
     ) -> ObservedExchange | str:
         self.upstream.clear()
         try:
-            response = self.envoy.request(method, path, headers, body)
+            response = self.envoy.request(method, path, headers, body, trailers=trailers)
         except (ConnectionError, OSError):  # the stream was reset
             return "reset"
         requests = [r for r in self.upstream.requests if r.path.split("?")[0] not in self.callout_paths]
         return observe_envoy(response, requests, self.mask)
 
     def run_wasmesh(
-        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        trailers: Sequence[tuple[str, str]] = (),
     ) -> ObservedExchange | str:
-        from wasmesh.testing import PluginHarness
-
-        assert isinstance(self.harness, PluginHarness)
         host = dict(headers).get("host", "example.com")
         request_headers = [(k, v) for k, v in headers if k != "host"]
-        if body and not any(k.lower() == "content-length" for k, _ in request_headers):
+        if trailers:
+            pass  # chunked on the wire; Envoy's codec strips transfer-encoding before the filters
+        elif body and not any(k.lower() == "content-length" for k, _ in request_headers):
             request_headers.append(("content-length", str(len(body))))
-        response = self.harness.request(method, path, request_headers, body, authority=host)
+        response = self.harness.request(
+            method, path, request_headers, body, authority=host, trailers=list(trailers) or None,
+            upstream=mirror_upstream(self.upstream),
+        )  # fmt: skip
         if response.reset:
             return "reset"
         return observe_harness(response, self.mask)
 
     def run(
-        self, method: str = "GET", path: str = "/", headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        trailers: Sequence[tuple[str, str]] = (),
     ) -> tuple[ObservedExchange | str, ObservedExchange | str]:
         pairs = [("host", "example.com"), *headers]
-        return self.run_envoy(method, path, pairs, body), self.run_wasmesh(method, path, pairs, body)
+        return (
+            self.run_envoy(method, path, pairs, body, trailers),
+            self.run_wasmesh(method, path, pairs, body, trailers),
+        )
 
 
 def require_envoy() -> None:
@@ -101,19 +129,30 @@ def require_module(path: Path) -> Path:
     return path
 
 
-def mirror_cluster(upstream: RecordingUpstream) -> Callable[[object], object]:
+def mirror_cluster(upstream: RecordingUpstream) -> Callable[[HttpCall], Upstream]:
     """A harness cluster handler answering as `upstream` answers Envoy's calls to the same cluster."""
-    from wasmesh.testing import HttpCall, Upstream
 
-    def handler(call: object) -> Upstream:
-        assert isinstance(call, HttpCall)
+    def handler(call: HttpCall) -> Upstream:
         headers = [(k.decode(), v.decode()) for k, v in call.headers if not k.startswith(b":")]
         headers.insert(0, ("host", call.authority or ""))
         request = RecordedRequest(call.method or "GET", call.path or "/", headers, call.body)
         reply = upstream.reply(request) if callable(upstream.reply) else upstream.reply
-        return Upstream(reply.status, reply.headers, reply.body)
+        return Upstream(reply.status, reply.headers, reply.body, reply.trailers or None)
 
     return handler
+
+
+def mirror_upstream(upstream: RecordingUpstream) -> Callable[[UpstreamRequest], Upstream]:
+    """The harness's upstream answering as `upstream` answers Envoy."""
+
+    def answer(request: UpstreamRequest) -> Upstream:
+        headers = [(k.decode(), v.decode()) for k, v in request.headers if not k.startswith(b":")]
+        trailers = [(k.decode(), v.decode()) for k, v in (request.trailers or ())]
+        recorded = RecordedRequest(request.method, request.path, headers, request.body, trailers)
+        reply = upstream.reply(recorded) if callable(upstream.reply) else upstream.reply
+        return Upstream(reply.status, reply.headers, reply.body, reply.trailers or None)
+
+    return answer
 
 
 def start_pair(
@@ -122,8 +161,6 @@ def start_pair(
     cluster_names: Sequence[str] = (),
 ) -> DifferentialPair:
     """Envoy and a harness with the same plugins; each named cluster is `upstream` on both sides."""
-    from wasmesh.testing import Plugin, PluginHarness
-
     clusters = {name: upstream.port for name in cluster_names}
     envoy = EnvoyRunner(plugins, upstream_port=upstream.port, clusters=clusters)
     envoy.start()
@@ -135,7 +172,7 @@ def start_pair(
                        p.name or f"plugin-{i}")
                 for i, p in enumerate(plugins)
             ],
-            clusters={name: handler for name in cluster_names},  # type: ignore[misc]
+            clusters={name: handler for name in cluster_names},
             node={"id": envoy.node_id, "cluster": "wasmesh-differential"},
         )  # fmt: skip
     except BaseException:
@@ -146,9 +183,7 @@ def start_pair(
 
 def stop_pair(pair: DifferentialPair) -> None:
     pair.envoy.stop()
-    close = getattr(pair.harness, "close", None)
-    if callable(close):
-        close()
+    pair.harness.close()
 
 
 def _pair_diff(label: str, envoy: Sequence[tuple[str, str]], mine: Sequence[tuple[str, str]]) -> list[str]:
@@ -180,6 +215,8 @@ def assert_same_exchange(envoy: ObservedExchange | str, wasmesh: ObservedExchang
         lines += _pair_diff("upstream header", e.headers, w.headers)
         if e.body != w.body:
             lines.append(f"  upstream body: envoy {e.body[:200]!r}, wasmesh {w.body[:200]!r}")
+        lines += _pair_diff("upstream trailer", e.trailers, w.trailers)
+    lines += _pair_diff("response trailer", envoy.trailers, wasmesh.trailers)
     pytest.fail("wasmesh differs from Envoy:\n" + "\n".join(lines), pytrace=False)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from differential_support import (
     TEST_PLUGINS,
+    TRAILERS_PATH,
     DifferentialPair,
     assert_same_exchange,
     require_envoy,
@@ -92,6 +93,14 @@ def test_probe_grpc_local_reply_matches_envoy(probe_pair: DifferentialPair) -> N
     headers = [("x-probe", "local-grpc"), ("x-probe-grpc-status", "16"), ("content-type", "application/grpc")]
     envoy, wasmesh = probe_pair.run("POST", "/pkg.Service/Method", headers, b"\0\0\0\0\0")
     assert_same_exchange(envoy, wasmesh)
+
+
+def test_probe_trailers_both_ways_match_envoy(probe_pair: DifferentialPair) -> None:
+    headers = [("x-probe", "req-trailers,resp-trailers"), ("content-type", "text/plain")]
+    trailers = [("x-trailer-in", "down")]
+    envoy, wasmesh = probe_pair.run("POST", TRAILERS_PATH, headers, b"chunked body", trailers)
+    assert_same_exchange(envoy, wasmesh)
+    assert not isinstance(envoy, str) and ("x-probe-resp-trailer-added", "added") in envoy.trailers
 
 
 def test_probe_unknown_cluster_matches_envoy(probe_pair: DifferentialPair) -> None:

@@ -9,6 +9,7 @@ stock Envoy are compared with it in tests/differential/test_differential_higress
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ def test_set_header_pre_route_adds_route_name_on_ai_paths_only() -> None:
 
 
 def test_rate_limit_local_mode_returns_429_past_the_quota() -> None:
-    with PluginHarness(higress("gpustack-rate-limit"), config=DOCUMENTED_CONFIGS["gpustack-rate-limit"]) as h:
+    # Local mode keeps counters in shared data, which every VM with the same vm_id shares: own one.
+    config = DOCUMENTED_CONFIGS["gpustack-rate-limit"]
+    with PluginHarness(higress("gpustack-rate-limit"), config=config, vm_id=f"rl-{uuid.uuid4().hex}") as h:
         statuses = [h.request("GET", "/v1/chat/completions", {"x-user": "u1"}).status for _ in range(3)]
         assert statuses == [200, 200, 429]
         rejected = h.request("GET", "/v1/chat/completions", {"x-user": "u1"})

@@ -112,6 +112,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._paused = 0
         self._closing = False
         self._writing_paused = False
+        # Writes made during one loop iteration go out as one send (response head + body, 100-continue...).
+        self._out: list[bytes] | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -137,6 +139,10 @@ class DownstreamConnection(asyncio.Protocol):
             self.parser.feed(data)
         except BadMessage as exc:
             self._protocol_error(str(exc))
+            return
+        ex = self.receiving
+        if ex is not None and ex.deferred is None:
+            self._guard(ex, ex.request_batch_end)
 
     def eof_received(self) -> bool | None:
         # Like Envoy's HTTP/1 codec, a client half-close ends the connection (and resets its exchanges).
@@ -217,11 +223,22 @@ class DownstreamConnection(asyncio.Protocol):
         return self.listener.draining
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closing:
-            self.transport.write(data)
+        if self.transport is None or self._closing:
+            return
+        if self._out is None:
+            self._out = [data]
+            self.loop.call_soon(self._flush)
+        else:
+            self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def abort(self) -> None:
         self._closing = True
+        self._out = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -270,6 +287,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
+        self._flush()
         self._closing = True
         if self.transport is not None:
             self.transport.close()
@@ -282,5 +300,5 @@ class DownstreamConnection(asyncio.Protocol):
         if ex is not None:
             ex.keep_alive = False
         if respond and self.transport is not None:
-            self.transport.write(simple_response(400, b"Bad Request"))
+            self.write(simple_response(400, b"Bad Request"))
         self._close()

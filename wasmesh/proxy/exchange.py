@@ -79,6 +79,8 @@ class ProxyExchange:
         "cluster_name",
         "route_timeout_s",
         "upstream_status",
+        "held_body",
+        "held_request_body",
     )
 
     def __init__(
@@ -114,6 +116,8 @@ class ProxyExchange:
         self.cluster_name: str | None = None
         self.route_timeout_s = 0.0
         self.upstream_status = 0
+        self.held_body: bytes | None = None
+        self.held_request_body: bytes | None = None
 
     # ------------------------------------------------------------------ downstream events
 
@@ -183,19 +187,27 @@ class ProxyExchange:
             if not self.http10:
                 self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    # Body chunks are held like response chunks (see on_response_body): the chain gets the last
+    # chunk together with end_stream when one read carried both. The filter manager counts bytes.
     def request_body(self, data: bytes) -> None:
         if self.done or self.fm is None:
             return
-        assert self.info is not None
-        self.info.request_body_bytes += len(data)
-        self.fm.on_request_data(data, False)
+        previous, self.held_request_body = self.held_request_body, data
+        if previous is not None:
+            self.fm.on_request_data(previous, False)
+
+    def request_batch_end(self) -> None:
+        previous, self.held_request_body = self.held_request_body, None
+        if previous is not None and not self.done and self.fm is not None:
+            self.fm.on_request_data(previous, False)
 
     def request_complete(self, had_body: bool) -> None:
         self.request_received = True
+        last, self.held_request_body = self.held_request_body, None
         if self.done or self.fm is None:
             return
         if had_body:
-            self.fm.on_request_data(b"", True)
+            self.fm.on_request_data(last or b"", True)
 
     def downstream_reset(self) -> None:
         """The client closed the connection before the exchange ended."""
@@ -338,9 +350,18 @@ class ProxyExchange:
         self.fm.on_response_headers(headers, False)
 
     def on_response_body(self, data: bytes) -> None:
+        # The newest chunk is held until we know whether the same read also ended the response,
+        # so the chain sees (last chunk, end_stream=True) in one call as Envoy's codec delivers it.
         if self.done or self.fm is None:
             return
-        self.fm.on_response_data(data, False)
+        previous, self.held_body = self.held_body, data
+        if previous is not None:
+            self.fm.on_response_data(previous, False)
+
+    def on_response_batch_end(self) -> None:
+        previous, self.held_body = self.held_body, None
+        if previous is not None and not self.done and self.fm is not None:
+            self.fm.on_response_data(previous, False)
 
     def on_response_complete(self) -> None:
         self._upstream_done(clean=True)
@@ -351,7 +372,8 @@ class ProxyExchange:
             self.held_response_headers = None
             self.fm.on_response_headers(held, True)
         elif self.response_body_expected:
-            self.fm.on_response_data(b"", True)
+            last, self.held_body = self.held_body, None
+            self.fm.on_response_data(last or b"", True)
 
     # ------------------------------------------------------------------ ExchangeSink: towards downstream
 
@@ -384,8 +406,6 @@ class ProxyExchange:
         if self.done or not self.response_started:
             return
         if data:
-            assert self.info is not None
-            self.info.response_body_bytes += len(data)
             if not self.head_request:
                 if self.response_framing == ResponseFraming.CHUNKED:
                     self.conn.write(encode_chunk(data))

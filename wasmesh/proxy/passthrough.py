@@ -41,6 +41,7 @@ class PassThroughFilterManager:
         self._sink.upstream_request_headers(headers, end_stream)
 
     def on_request_data(self, data: bytes, end_stream: bool) -> None:
+        self._info.request_body_bytes += len(data)
         self._sink.upstream_request_data(data, end_stream)
 
     def on_request_trailers(self, trailers: HeaderMap) -> None:
@@ -51,6 +52,7 @@ class PassThroughFilterManager:
         self._sink.downstream_response_headers(headers, end_stream)
 
     def on_response_data(self, data: bytes, end_stream: bool) -> None:
+        self._info.response_body_bytes += len(data)
         self._sink.downstream_response_data(data, end_stream)
 
     def on_response_trailers(self, trailers: HeaderMap) -> None:

@@ -320,6 +320,9 @@ class _HttpCall:
         headers = self._headers or HeaderMap([(b":status", b"502")])
         self._finish(HttpCallResponse(headers=headers, body=bytes(self._body)), clean=True)
 
+    def on_response_batch_end(self) -> None:
+        pass
+
     def on_upstream_reset(self, reason: str) -> None:
         self._conn = None
         self._finish(None, clean=False)

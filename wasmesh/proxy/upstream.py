@@ -38,6 +38,9 @@ class UpstreamStream(Protocol):
 
     def on_response_complete(self) -> None: ...
 
+    def on_response_batch_end(self) -> None:
+        """Everything the last read carried has been reported (a held body chunk can go on now)."""
+
     def on_upstream_reset(self, reason: str) -> None:
         """The connection failed while this stream used it (closed, protocol error)."""
 
@@ -83,13 +86,14 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the server is misbehaving; drop the connection.
             self.close()
             return
+        stream = self.stream
         try:
             self.parser.feed(data)
         except BadMessage as exc:
-            stream = self.stream
             self.close()
-            if stream is not None:
-                stream.on_upstream_reset(f"protocol_error: {exc}")
+            stream.on_upstream_reset(f"protocol_error: {exc}")
+            return
+        stream.on_response_batch_end()
 
     def eof_received(self) -> bool | None:
         return False  # close the transport

@@ -58,6 +58,7 @@ class ObservedUpstreamRequest:
     path: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,14 @@ class ObservedExchange:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     upstream: ObservedUpstreamRequest | None
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class _EnvoyResponseLike(Protocol):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    trailers: list[tuple[str, str]]
 
 
 class _RecordedRequestLike(Protocol):
@@ -79,6 +82,7 @@ class _RecordedRequestLike(Protocol):
     path: str
     headers: list[tuple[str, str]]
     body: bytes
+    trailers: list[tuple[str, str]]
 
 
 def _decoded(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -97,13 +101,18 @@ def observe_envoy(
     if upstream_requests:
         req = upstream_requests[0]
         upstream = ObservedUpstreamRequest(
-            req.method, req.path, tuple(normalize_headers(req.headers, _UPSTREAM_IGNORED, mask)), req.body
+            req.method,
+            req.path,
+            tuple(normalize_headers(req.headers, _UPSTREAM_IGNORED, mask)),
+            req.body,
+            tuple(normalize_headers(req.trailers, frozenset(), mask)),
         )
     return ObservedExchange(
         response.status,
         tuple(normalize_headers(response.headers, _RESPONSE_IGNORED, mask)),
         response.body,
         upstream,
+        tuple(normalize_headers(response.trailers, frozenset(), mask)),
     )
 
 
@@ -118,11 +127,16 @@ def observe_harness(response: object, mask: Mask = _no_mask) -> ObservedExchange
         pairs = _decoded(req.headers)
         pairs = [("host", v) if k == ":authority" else (k, v) for k, v in pairs]
         upstream = ObservedUpstreamRequest(
-            req.method, req.path, tuple(normalize_headers(pairs, _UPSTREAM_IGNORED, mask)), req.body
+            req.method,
+            req.path,
+            tuple(normalize_headers(pairs, _UPSTREAM_IGNORED, mask)),
+            req.body,
+            tuple(normalize_headers(_decoded(req.trailers or ()), frozenset(), mask)),
         )
     return ObservedExchange(
         response.status,
         tuple(normalize_headers(_decoded(response.headers), _RESPONSE_IGNORED, mask)),
         response.body,
         upstream,
+        tuple(normalize_headers(_decoded(response.trailers or ()), frozenset(), mask)),
     )

@@ -98,7 +98,6 @@ class RecordingUpstream:
                         self.send_header(key, value)
                 if reply.trailers:
                     self.send_header("transfer-encoding", "chunked")
-                    self.send_header("trailer", ", ".join(k for k, _ in reply.trailers))
                 else:
                     self.send_header("content-length", str(len(reply.body)))
                 self.end_headers()
