@@ -18,7 +18,6 @@ from differential_support import (
     stop_pair,
 )
 
-from wasmesh.runtime import PluginLoadError
 from wasmesh.testing.envoy import EnvoyWasmPlugin
 from wasmesh.testing.upstream import RecordingUpstream
 
@@ -35,12 +34,7 @@ def mixed_chain(recording_upstream: RecordingUpstream) -> Iterator[DifferentialP
                         root_id="as_http_call", name="as-http-call"),
         EnvoyWasmPlugin(require_module(TEST_PLUGINS / "probe.wasm"), configuration="{}", name="probe"),
     ]  # fmt: skip
-    try:
-        pair = start_pair(plugins, recording_upstream, cluster_names=["probe_call"])
-    except PluginLoadError as exc:
-        # Known runtime gap at the time of writing: AssemblyScript modules have a wasm start
-        # section, which traps with "interrupt" during instantiation. Envoy loads them.
-        pytest.xfail(f"runtime cannot load the AssemblyScript plugins yet: {exc}")
+    pair = start_pair(plugins, recording_upstream, cluster_names=["probe_call"])
     try:
         yield pair
     finally:

@@ -397,6 +397,9 @@ class WasmInstance:
             defined.add(key)
         try:
             linker.define_unknown_imports_as_traps(compiled.module)
+            # A module's `start` function (AssemblyScript has one) runs inside instantiate:
+            # arm the startup deadline first, or the store's zero deadline interrupts it at once.
+            raw.wasmtime_context_set_epoch_deadline(self._ctx, self._deadline_ticks)
             self._instance = linker.instantiate(self._store, compiled.module)
         except wasmtime.Trap as exc:
             raise GuestFailure("trap", f"start function trapped: {_first_line(exc.message)}") from None

@@ -70,9 +70,11 @@ class MetricsRegistry:
         key = (MetricType(metric_type), name)
         with self._lock:
             existing = self._by_key.get(key)
-            if existing is not None:
-                return WasmResult.OK, existing
             self._next_id += 1
+            if existing is not None:
+                # As Envoy: defining a name again hands out a new id for the same stat.
+                self._by_id[self._next_id] = self._by_id[existing]
+                return WasmResult.OK, self._next_id
             metric = Metric(MetricType(metric_type), name)
             if metric.metric_type == MetricType.HISTOGRAM:
                 metric.bucket_counts = [0] * len(_BUCKETS)
@@ -141,7 +143,7 @@ class MetricsRegistry:
     def render_prometheus(self) -> str:
         lines: list[str] = []
         typed: set[str] = set()
-        for metric in list(self._by_id.values()):
+        for metric in [self._by_id[metric_id] for metric_id in self._by_key.values()]:
             base, tags = split_tags(metric.name)
             prom = _SANITIZE.sub("_", f"wasmcustom_{base}")
             label_text = ",".join(f'{_SANITIZE.sub("_", k)}="{_escape(v)}"' for k, v in tags)
