@@ -47,7 +47,10 @@ def run_echo(port: int) -> None:
     import uvloop
 
     body = b"hello from the echo upstream\n"
-    response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+    response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b" % (
+        len(body),
+        body,
+    )
 
     class Echo(asyncio.Protocol):
         def __init__(self) -> None:
@@ -142,7 +145,9 @@ def run_wrk(url: str, duration: int, connections: int, threads: int) -> WrkResul
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += sum(int(x) for x in m.groups())
-    return WrkResult(rps, _ms(p50.group(1)) if p50 else float("nan"), _ms(p99.group(1)) if p99 else float("nan"), errors)
+    return WrkResult(
+        rps, _ms(p50.group(1)) if p50 else float("nan"), _ms(p99.group(1)) if p99 else float("nan"), errors
+    )
 
 
 # --------------------------------------------------------------------------- proxies
@@ -154,7 +159,9 @@ def plugin_modules(directory: Path, count: int) -> list[Path]:
     return [write_module(directory, f"tag{i}", header_plugin_wat(f"T{i}")) for i in range(count)]
 
 
-def start_wasmesh(directory: Path, upstream: int, modules: list[Path], workers: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_wasmesh(
+    directory: Path, upstream: int, modules: list[Path], workers: int
+) -> tuple[subprocess.Popen[bytes], int]:
     from proxy_plugins import wasmplugin_yaml
 
     port, admin = free_port(), free_port()
@@ -171,7 +178,9 @@ def start_wasmesh(directory: Path, upstream: int, modules: list[Path], workers: 
     return proc, port
 
 
-def start_envoy(directory: Path, upstream: int, modules: list[Path], workers: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_envoy(
+    directory: Path, upstream: int, modules: list[Path], workers: int
+) -> tuple[subprocess.Popen[bytes], int]:
     from wasmesh.testing.envoy import envoy_bootstrap
 
     filters: list[dict[str, Any]] = []
@@ -183,13 +192,18 @@ def start_envoy(directory: Path, upstream: int, modules: list[Path], workers: in
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                     "config": {
                         "name": f"tag{i}",
-                        "vm_config": {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(m)}}},
+                        "vm_config": {
+                            "runtime": "envoy.wasm.runtime.v8",
+                            "code": {"local": {"filename": str(m)}},
+                        },
                     },
                 },
             }
         )
     port, admin = free_port(), free_port()
-    bootstrap = envoy_bootstrap(listener_port=port, admin_port=admin, upstream_port=upstream, wasm_filters=filters)
+    bootstrap = envoy_bootstrap(
+        listener_port=port, admin_port=admin, upstream_port=upstream, wasm_filters=filters
+    )
     cfg = directory / f"envoy-{workers}-{len(modules)}.json"
     cfg.write_text(json.dumps(bootstrap))
     binary = shutil.which("envoy")
@@ -211,7 +225,9 @@ SCENARIOS = (("no plugin", 0), ("1 header plugin", 1), ("3-plugin chain", 3))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
@@ -242,14 +258,23 @@ def main() -> int:
                     proc, port = starter(work, echo_port, modules_all[:count], workers)
                     try:
                         run_wrk(f"http://127.0.0.1:{port}/", 1, args.connections, args.threads)  # warm-up
-                        results[name] = run_wrk(f"http://127.0.0.1:{port}/", args.duration, args.connections,
-                                                args.threads)
+                        results[name] = run_wrk(
+                            f"http://127.0.0.1:{port}/", args.duration, args.connections, args.threads
+                        )
                     finally:
                         stop(proc)
                 w, e = results["wasmesh"], results["envoy"]
                 errs = f" (errors: wasmesh {w.errors}, envoy {e.errors})" if w.errors or e.errors else ""
-                row = (f"| {workers} | {label} | {w.rps:,.0f} | {w.p50_ms:.2f} / {w.p99_ms:.2f} | {e.rps:,.0f} | "
-                       f"{e.p50_ms:.2f} / {e.p99_ms:.2f} | {w.rps / e.rps:.2f}{errs} |")  # fmt: skip
+                cells = [
+                    str(workers),
+                    label,
+                    f"{w.rps:,.0f}",
+                    f"{w.p50_ms:.2f} / {w.p99_ms:.2f}",
+                    f"{e.rps:,.0f}",
+                    f"{e.p50_ms:.2f} / {e.p99_ms:.2f}",
+                    f"{w.rps / e.rps:.2f}{errs}",
+                ]
+                row = "| " + " | ".join(cells) + " |"
                 rows.append(row)
                 print(row, flush=True)
     finally:
@@ -268,11 +293,11 @@ def write_docs(rows: list[str], args: argparse.Namespace) -> None:
             SECTION_START,
             "## Proxy throughput: wasmesh vs Envoy (benchmarks/bench_proxy.py)",
             "",
-            f"wrk {args.threads} thread(s), {args.connections} connections, {args.duration} s per run after a 1 s "
-            f"warm-up; one uvloop+httptools echo upstream; {cpu} CPUs shared by wrk, the upstream and the proxy "
-            "(and other work on the machine). Plugins: WAT header plugins (ABI 0_2_1) adding one request and "
-            "one response header each; Envoy runs them on V8, wasmesh on wasmtime. Ratio = wasmesh / Envoy "
-            "req/s.",
+            f"wrk {args.threads} thread(s), {args.connections} connections, {args.duration} s per run after "
+            f"a 1 s warm-up; one uvloop+httptools echo upstream; {cpu} CPUs shared by wrk, the upstream and "
+            "the proxy (and other work on the machine). Plugins: WAT header plugins (ABI 0_2_1) adding one "
+            "request and one response header each; Envoy runs them on V8, wasmesh on wasmtime. "
+            "Ratio = wasmesh / Envoy req/s.",
             "",
             *rows,
             "",

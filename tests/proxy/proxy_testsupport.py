@@ -57,6 +57,8 @@ class _EchoProtocol(asyncio.Protocol):
     /big?n=B       content-length response of B bytes
     /close         answer with connection: close
     /hang          never answer
+    /drop-next     answer, then close this connection when its next request arrives (no answer):
+                   what a server that timed out an idle keep-alive connection looks like
     Every response carries x-upstream-name and x-upstream-conn (connection number).
     """
 
@@ -69,6 +71,7 @@ class _EchoProtocol(asyncio.Protocol):
         self.url = b""
         self.body_hash = hashlib.sha256()
         self.body_len = 0
+        self.drop_next = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -115,6 +118,12 @@ class _EchoProtocol(asyncio.Protocol):
         }
         keep_alive = self.parser.should_keep_alive()
         path = parts.path
+        if self.drop_next:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if path == "/drop-next":
+            self.drop_next = True
         if path == "/hang":
             return
         if path == "/delay":

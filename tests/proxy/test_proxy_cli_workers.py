@@ -180,3 +180,34 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad_plugin) in lines[0] and "phase" in lines[0], lines
+
+
+def test_proxy_config_file_hot_reload(
+    echo: EchoServer, plugin_dir: Path, tmp_path: Path, run_proc: list[subprocess.Popen[str]]
+) -> None:
+    port, admin = free_port(), free_port()
+    plugins = tmp_path / "plugins.yaml"
+    plugins.write_text(wasmplugin_yaml("tagger", plugin_dir / "a.wasm"))
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(
+        f"admin: {{port: {admin}}}\nreload: {{poll_interval: 100ms}}\n"
+        f"listeners:\n  - name: main\n    port: {port}\n    virtual_hosts:\n      - domains: ['*']\n"
+        f"        routes: [{{match: {{prefix: /}}, cluster: echo}}]\n"
+        f"clusters: [{{name: echo, endpoints: ['127.0.0.1:{echo.port}']}}]\n"
+        f"plugins: [{{path: {plugins.name}}}]\n"
+    )
+    proc = _wasmesh("proxy", "--config", str(cfg))
+    run_proc.append(proc)
+    _wait_ready(proc, admin)
+    assert request(port)[1]["x-resp-chain"] == "A"
+    plugins.write_text(wasmplugin_yaml("tagger", plugin_dir / "b.wasm"))
+    deadline = time.monotonic() + 10
+    while request(port)[1].get("x-resp-chain") != "B":
+        assert time.monotonic() < deadline, "plugin change not picked up"
+        time.sleep(0.1)
+    # A broken config file keeps the current chain serving.
+    cfg.write_text(cfg.read_text() + "bogus: 1\n")
+    time.sleep(0.5)
+    assert request(port)[1]["x-resp-chain"] == "B"
+    assert "wasmesh_config_reload_failed_total 1" in _admin(admin, "/stats/prometheus")[1]
+    assert _stop(proc) == 0

@@ -147,6 +147,8 @@ def test_malformed_request_gets_400_and_worker_survives(start_proxy: StartProxy,
     assert b"connection: close" in out
     out = raw_exchange(_port(proxy), b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: zz\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400")
+    out = raw_exchange(_port(proxy), b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431")
     status, _, _ = request(_port(proxy))
     assert status == 200
 
@@ -196,3 +198,57 @@ def test_client_gone_mid_body_frees_upstream(
         time.sleep(0.02)
     assert loop_thread.call(proxy.in_flight) == 0
     assert request(_port(proxy))[0] == 200
+
+
+def test_routes_rewrites_direct_response_and_round_robin(
+    start_proxy: StartProxy, echo: EchoServer, echo_b: EchoServer
+) -> None:
+    raw = {
+        "listeners": [
+            {
+                "name": "main",
+                "port": 0,
+                "virtual_hosts": [
+                    {
+                        "name": "api",
+                        "domains": ["api.example.com"],
+                        "routes": [
+                            {"match": {"prefix": "/v1/"}, "cluster": "a", "prefix_rewrite": "/internal/",
+                             "host_rewrite": "backend.internal"},
+                            {"match": {"exact": "/health"}, "direct_response": {"status": 200, "body": "ok"}},
+                        ],
+                    },
+                    {"name": "rr", "domains": ["rr.example.com"], "routes": [{"match": {"prefix": "/"},
+                                                                            "cluster": "both"}]},
+                ],
+            }
+        ],
+        "clusters": [
+            {"name": "a", "endpoints": [f"127.0.0.1:{echo.port}"]},
+            {"name": "both", "endpoints": [f"127.0.0.1:{echo.port}", f"127.0.0.1:{echo_b.port}"]},
+        ],
+    }  # fmt: skip
+    proxy = start_proxy(raw)
+    port = _port(proxy)
+    status, _, body = request(port, path="/v1/items?x=1", headers={"Host": "api.example.com"})
+    info = json.loads(body)
+    assert status == 200 and info["path"] == "/internal/items?x=1"
+    assert dict(info["headers"])["host"] == "backend.internal"
+    assert request(port, path="/health", headers={"Host": "api.example.com"})[2] == b"ok"
+    assert request(port, path="/nothing", headers={"Host": "api.example.com"})[0] == 404
+    assert request(port, path="/", headers={"Host": "unknown.example.com"})[0] == 404
+    names = [request(port, headers={"Host": "rr.example.com"})[1]["x-upstream-name"] for _ in range(4)]
+    assert names == ["echo-a", "echo-b", "echo-a", "echo-b"]
+    text = proxy.render_prometheus()
+    assert 'wasmesh_downstream_rq_total{listener="main",response_code_class="4xx"} 2' in text
+    assert 'wasmesh_upstream_rq_total{cluster="both",response_code_class="2xx"} 4' in text
+
+
+def test_stale_pooled_connection_is_retried_once(start_proxy: StartProxy, echo_b: EchoServer) -> None:
+    proxy = start_proxy(simple_config(echo_b.port))
+    conn = http.client.HTTPConnection("127.0.0.1", _port(proxy), timeout=5)
+    assert request(0, path="/drop-next", conn=conn)[0] == 200
+    # The pooled upstream connection now drops the next request: the proxy resends it on a new one.
+    status, headers, _ = request(0, path="/after", conn=conn)
+    conn.close()
+    assert status == 200

@@ -18,7 +18,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.chain import PluginChain
 from wasmesh.proxy.config import ListenerConfig
 from wasmesh.proxy.exchange import ProxyExchange
-from wasmesh.proxy.http1 import BadMessage, RequestParser, simple_response
+from wasmesh.proxy.http1 import BadMessage, RequestParser, reason_phrase, simple_response
 from wasmesh.proxy.router import Router
 from wasmesh.proxy.stats import ListenerStats, ProxyStats
 from wasmesh.proxy.upstream import WRITE_HIGH_WATER, ClusterManager
@@ -138,7 +138,7 @@ class DownstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except BadMessage as exc:
-            self._protocol_error(str(exc))
+            self._protocol_error(str(exc), exc.status)
             return
         ex = self.receiving
         if ex is not None and ex.deferred is None:
@@ -292,7 +292,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _protocol_error(self, message: str) -> None:
+    def _protocol_error(self, message: str, status: int = 400) -> None:
         self.listener.stats.cx_protocol_error += 1
         log.debug("listener %s: %s from %s", self.listener.name, message, self.peer)
         ex = self.current
@@ -300,5 +300,5 @@ class DownstreamConnection(asyncio.Protocol):
         if ex is not None:
             ex.keep_alive = False
         if respond and self.transport is not None:
-            self.write(simple_response(400, b"Bad Request"))
+            self.write(simple_response(status, reason_phrase(status)))
         self._close()

@@ -81,6 +81,8 @@ class ProxyExchange:
         "upstream_status",
         "held_body",
         "held_request_body",
+        "replay",
+        "retried",
     )
 
     def __init__(
@@ -118,6 +120,8 @@ class ProxyExchange:
         self.upstream_status = 0
         self.held_body: bytes | None = None
         self.held_request_body: bytes | None = None
+        self.replay: bytes | None = None
+        self.retried = False
 
     # ------------------------------------------------------------------ downstream events
 
@@ -313,7 +317,11 @@ class ProxyExchange:
         pending = self.pending
         self.pending = []
         self.pending_bytes = 0
-        conn.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        payload = pending[0] if len(pending) == 1 else b"".join(pending)
+        # A pooled connection the server closed while idle fails before any answer; a request that
+        # went out whole in this one write can safely be sent again on a fresh connection, once.
+        self.replay = payload if conn.reused and self.request_sent and not self.retried else None
+        conn.write(payload)
         self.conn.resume_reading(PAUSE_UPSTREAM)
 
     def on_upstream_connect_failure(self, reason: str) -> None:
@@ -325,6 +333,13 @@ class ProxyExchange:
         self.upstream = None
         if self.done or self.upstream_failed or self.upstream_complete:
             return
+        if not self.upstream_response_started and self.replay is not None and self.cluster_name is not None:
+            cluster = self.listener.clusters.get(self.cluster_name)
+            if cluster is not None:
+                self.retried = True
+                self.pending, self.pending_bytes, self.replay = [self.replay], len(self.replay), None
+                cluster.acquire(self, fresh=True)
+                return
         self._cluster_stats_reset()
         if not self.upstream_response_started:
             self._upstream_failure(503, f"upstream_reset_before_response_started{{{reason}}}")
@@ -532,9 +547,10 @@ class ProxyExchange:
         lstats.rq_by_class[min(code // 100, 5)] += 1
         if info is not None:
             lstats.rq_time.observe((time.monotonic_ns() - info.start_monotonic_ns) / 1e6)
-        if self.fm is not None:
+        fm, self.fm = self.fm, None  # also breaks the exchange <-> filter manager reference cycle
+        if fm is not None:
             try:
-                self.fm.complete()
+                fm.complete()
             except Exception:
                 log.exception("filter manager failed completing an exchange")
         if self.chain is not None:

@@ -40,6 +40,15 @@ def encode_chunk(data: bytes) -> bytes:
 class BadMessage(ValueError):
     """Malformed HTTP from a peer; the message is one line for logs and response details."""
 
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Envoy's default max_request_headers_kb (60 KiB): request line plus headers.
+MAX_REQUEST_HEADERS_BYTES = 60 * 1024
+MAX_REQUEST_HEADERS_COUNT = 100  # Envoy's default max_headers_count
+
 
 # --------------------------------------------------------------------------- downstream (requests)
 
@@ -64,7 +73,17 @@ class RequestParser:
     with lower-case names; ``host`` itself is dropped as Envoy does.
     """
 
-    __slots__ = ("_handler", "_parser", "_url", "_pairs", "_scheme", "_has_body", "_host_seen")
+    __slots__ = (
+        "_handler",
+        "_parser",
+        "_url",
+        "_pairs",
+        "_scheme",
+        "_has_body",
+        "_host_seen",
+        "_size",
+        "_error",
+    )
 
     def __init__(self, handler: RequestHandler, scheme: bytes = b"http") -> None:
         self._handler = handler
@@ -74,15 +93,22 @@ class RequestParser:
         self._scheme = scheme
         self._has_body = False
         self._host_seen = False
+        self._size = 0
+        self._error: BadMessage | None = None
 
     def feed(self, data: bytes) -> None:
-        """Raises BadMessage on malformed input (the caller answers 400 and closes)."""
+        """Raises BadMessage on malformed input (the caller answers ``status`` and closes)."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             raise BadMessage("protocol upgrade is not supported") from None
         except httptools.HttpParserError as exc:
-            raise BadMessage(f"malformed HTTP request: {exc}") from None
+            # Our own rejections raised inside callbacks arrive wrapped by httptools.
+            raise (self._error or BadMessage(f"malformed HTTP request: {exc}")) from None
+
+    def _reject(self, message: str, status: int = 400) -> BadMessage:
+        self._error = BadMessage(message, status)
+        return self._error
 
     # httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -90,15 +116,22 @@ class RequestParser:
         self._pairs = [(b":method", b""), (b":path", b""), (b":authority", b""), (b":scheme", self._scheme)]
         self._has_body = False
         self._host_seen = False
+        self._size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._size += len(url)
+        if self._size > MAX_REQUEST_HEADERS_BYTES:
+            raise self._reject("request headers too large", 431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._size > MAX_REQUEST_HEADERS_BYTES or len(self._pairs) > MAX_REQUEST_HEADERS_COUNT + 4:
+            raise self._reject("request headers too large", 431)
         lname = name.lower()
         if lname == b"host":
             if self._host_seen:
-                raise BadMessage("multiple Host headers")
+                raise self._reject("multiple Host headers")
             self._host_seen = True
             self._pairs[2] = (b":authority", value)
             return
@@ -110,6 +143,8 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         p = self._parser
+        if p.should_upgrade():
+            raise self._reject("protocol upgrade is not supported")
         url = self._url
         if url.startswith(b"http://") or url.startswith(b"https://"):
             # Absolute form (forward-proxy style): authority and path come from the URL.

@@ -196,7 +196,8 @@ class ProxyStats:
             for lab, g in gauges:
                 sample(name, lab, g[index])
         family("wasmesh_config_reload_total", "counter", "Configuration or plugin chain reloads applied.")
-        out.append(f"wasmesh_config_reload_total{{{w[:-1]}}} {self.config_reload_total}")
+        bare = f"{{{w[:-1]}}}" if w else ""
+        out.append(f"wasmesh_config_reload_total{bare} {self.config_reload_total}")
         family("wasmesh_config_reload_failed_total", "counter", "Rejected reloads (old configuration kept).")
-        out.append(f"wasmesh_config_reload_failed_total{{{w[:-1]}}} {self.config_reload_failed}")
+        out.append(f"wasmesh_config_reload_failed_total{bare} {self.config_reload_failed}")
         return "\n".join(out) + "\n"

@@ -59,6 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
         "last_used",
         "local_address",
         "reusable",
+        "reused",
     )
 
     def __init__(self, cluster: Cluster, endpoint: tuple[str, int]) -> None:
@@ -71,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_used = 0.0
         self.local_address: tuple[str, int] | None = None
         self.reusable = True  # false once a response said "connection: close" (or HTTP/1.0)
+        self.reused = False  # taken from the idle pool (the server may have closed it meanwhile)
 
     # asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -198,15 +200,17 @@ class Cluster:
         if config.idle_timeout_s > 0:
             self._sweeper = loop.call_later(max(config.idle_timeout_s / 2, 0.5), self._sweep_idle)
 
-    def acquire(self, stream: UpstreamStream) -> None:
-        """Give ``stream`` a connection to the next endpoint (round-robin), reused when idle."""
+    def acquire(self, stream: UpstreamStream, *, fresh: bool = False) -> None:
+        """Give ``stream`` a connection to the next endpoint (round-robin), reused when idle
+        unless ``fresh`` (a retry after a pooled connection turned out to be closed)."""
         endpoint = self._endpoints[self._next]
         self._next = (self._next + 1) % len(self._endpoints)
         self.stats.rq_total += 1
         idle = self._idle.get(endpoint)
-        while idle:
+        while idle and not fresh:
             conn = idle.pop()  # most recently used first: warm and least likely closed by the server
             if not conn.closed:
+                conn.reused = True
                 conn.stream = stream
                 stream.on_upstream_ready(conn)
                 return
