@@ -49,14 +49,10 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format, message, wrappers_pb2
 
 from wasmesh.http.filter import (
-    FilterCallbacks,
-    FilterDataStatus,
-    FilterHeadersStatus,
-    FilterTrailersStatus,
     HttpFilter,
     HttpFilterFactory,
 )
-from wasmesh.http.headers import HeaderMap
+from wasmesh.http.local_reply import LocalReplyFilter
 from wasmesh.proxy.chain import PluginChain
 from wasmesh.proxy.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -492,40 +488,11 @@ RBAC_DENIED_BODY = b"RBAC: access denied"
 RBAC_DENIED_DETAILS = "rbac_access_denied_matched_policy[none]"
 
 
-class DenyAllFilter:
+class DenyAllFilter(LocalReplyFilter):
     """Envoy's RBAC filter with an ALLOW policy set that matches nothing: 403 for every request."""
 
     def __init__(self) -> None:
-        self._callbacks: FilterCallbacks | None = None
-
-    def set_callbacks(self, callbacks: FilterCallbacks) -> None:
-        self._callbacks = callbacks
-
-    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
-        if self._callbacks is not None:
-            self._callbacks.send_local_reply(403, RBAC_DENIED_BODY, [], RBAC_DENIED_DETAILS)
-        return FilterHeadersStatus.STOP_ITERATION
-
-    def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
-        return FilterDataStatus.STOP_ITERATION_NO_BUFFER
-
-    def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
-        return FilterTrailersStatus.STOP_ITERATION
-
-    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
-        return FilterHeadersStatus.CONTINUE
-
-    def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
-        return FilterDataStatus.CONTINUE
-
-    def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
-        return FilterTrailersStatus.CONTINUE
-
-    def on_log(self) -> None:
-        pass
-
-    def on_destroy(self) -> None:
-        self._callbacks = None
+        super().__init__(403, RBAC_DENIED_BODY, RBAC_DENIED_DETAILS)
 
 
 class RbacFilterFactory:

@@ -19,6 +19,7 @@ from wasmesh.http.filter import (
     HttpFilter,
 )
 from wasmesh.http.headers import HeaderMap
+from wasmesh.http.local_reply import LocalReplyFilter
 from wasmesh.runtime.abi import AbiVersion
 from wasmesh.runtime.contexts import RootContext, StreamContext
 from wasmesh.runtime.engine import GuestFailure
@@ -85,40 +86,11 @@ class WasmPlugin:
         return WasmHttpFilter(self, vm, self.root)
 
 
-class FailClosedFilter:
+class FailClosedFilter(LocalReplyFilter):
     """Stands in for a failed plugin under FAIL_CLOSE: every stream gets a local 503."""
 
     def __init__(self) -> None:
-        self._callbacks: FilterCallbacks | None = None
-
-    def set_callbacks(self, callbacks: FilterCallbacks) -> None:
-        self._callbacks = callbacks
-
-    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
-        if self._callbacks is not None:
-            self._callbacks.send_local_reply(503, b"", [], FAIL_STREAM_DETAILS)
-        return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
-
-    def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
-        return FilterDataStatus.STOP_ITERATION_NO_BUFFER
-
-    def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
-        return FilterTrailersStatus.STOP_ITERATION
-
-    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
-        return FilterHeadersStatus.CONTINUE
-
-    def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
-        return FilterDataStatus.CONTINUE
-
-    def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
-        return FilterTrailersStatus.CONTINUE
-
-    def on_log(self) -> None:
-        pass
-
-    def on_destroy(self) -> None:
-        self._callbacks = None
+        super().__init__(503, b"", FAIL_STREAM_DETAILS)
 
 
 class WasmHttpFilter:
