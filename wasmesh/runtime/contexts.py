@@ -60,8 +60,9 @@ class Context:
                 return response.trailers
         return None
 
-    def header_map_writable(self, map_type: int) -> bool:
-        return False
+    def writable_header_map(self, map_type: int) -> HeaderMap | None:
+        """The map a plugin may change, or None (only a stream's own maps are writable)."""
+        return None
 
     # -- buffers ----------------------------------------------------------------------
     def buffer(self, buffer_type: int) -> bytes | bytearray | None:
@@ -149,6 +150,13 @@ class StreamHooks(Protocol):
     local_reply_sent: bool
 
 
+# Plain ints: compared on every header host call.
+_REQUEST_HEADERS = int(MapType.HTTP_REQUEST_HEADERS)
+_REQUEST_TRAILERS = int(MapType.HTTP_REQUEST_TRAILERS)
+_RESPONSE_HEADERS = int(MapType.HTTP_RESPONSE_HEADERS)
+_RESPONSE_TRAILERS = int(MapType.HTTP_RESPONSE_TRAILERS)
+
+
 class StreamContext(Context):
     """One per HTTP exchange (filter instance)."""
 
@@ -161,24 +169,21 @@ class StreamContext(Context):
     def root(self) -> RootContext:
         return self._root
 
-    def _map(self, map_type: int) -> HeaderMap | None:
+    def writable_header_map(self, map_type: int) -> HeaderMap | None:
         hooks = self.hooks
-        if map_type == MapType.HTTP_REQUEST_HEADERS:
+        if map_type == _REQUEST_HEADERS:
             return hooks.request_headers
-        if map_type == MapType.HTTP_REQUEST_TRAILERS:
-            return hooks.request_trailers
-        if map_type == MapType.HTTP_RESPONSE_HEADERS:
+        if map_type == _RESPONSE_HEADERS:
             return hooks.response_headers
-        if map_type == MapType.HTTP_RESPONSE_TRAILERS:
+        if map_type == _REQUEST_TRAILERS:
+            return hooks.request_trailers
+        if map_type == _RESPONSE_TRAILERS:
             return hooks.response_trailers
         return None
 
     def header_map(self, map_type: int) -> HeaderMap | None:
-        found = self._map(map_type)
+        found = self.writable_header_map(map_type)
         return found if found is not None else super().header_map(map_type)
-
-    def header_map_writable(self, map_type: int) -> bool:
-        return self._map(map_type) is not None
 
     def buffer(self, buffer_type: int) -> bytes | bytearray | None:
         if buffer_type == BufferType.HTTP_REQUEST_BODY:

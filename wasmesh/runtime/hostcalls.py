@@ -59,7 +59,8 @@ class HostCalls:
     # -- helpers ----------------------------------------------------------------------
     @property
     def ctx(self) -> Context:
-        return self.vm.effective_context()
+        vm = self.vm
+        return vm._effective if vm._effective is not None else vm._vm_context
 
     def _read(self, ptr: int, size: int) -> bytes | None:
         return self.vm.instance.read(ptr, size)
@@ -148,8 +149,8 @@ class HostCalls:
         return self._copy_out(encode_pairs(headers.pairs()), ptr_ptr, size_ptr)
 
     def proxy_set_header_map_pairs(self, map_type: int, ptr: int, size: int) -> int:
-        headers = self._map(map_type)
-        if headers is None or not self.ctx.header_map_writable(map_type):
+        headers = self.ctx.writable_header_map(map_type)
+        if headers is None:
             return BAD_ARGUMENT
         raw = self._read(ptr, size)
         if raw is None:
@@ -177,38 +178,32 @@ class HostCalls:
             return NOT_FOUND
         return self._copy_out(value, ptr_ptr, size_ptr)
 
-    def _key_value(
-        self, key_ptr: int, key_len: int, val_ptr: int, val_len: int
-    ) -> tuple[bytes, bytes] | None:
-        key = self._read(key_ptr, key_len)
-        value = self._read(val_ptr, val_len)
-        return None if key is None or value is None else (key, value)
+    def _change_header(
+        self, map_type: int, key_ptr: int, key_len: int, val_ptr: int, val_len: int,
+        change: Callable[[HeaderMap, bytes, bytes], None],
+    ) -> int:
+        headers = self.ctx.writable_header_map(map_type)
+        if headers is None:
+            return BAD_ARGUMENT
+        read = self.vm.instance.read
+        key = read(key_ptr, key_len)
+        value = read(val_ptr, val_len)
+        if key is None or value is None:
+            return INVALID_MEMORY_ACCESS
+        change(headers, key, value)
+        return OK
 
     def proxy_add_header_map_value(self, map_type: int, key_ptr: int, key_len: int, val_ptr: int,
                                    val_len: int) -> int:
-        headers = self._map(map_type)
-        if headers is None or not self.ctx.header_map_writable(map_type):
-            return BAD_ARGUMENT
-        kv = self._key_value(key_ptr, key_len, val_ptr, val_len)
-        if kv is None:
-            return INVALID_MEMORY_ACCESS
-        headers.add(*kv)
-        return OK
+        return self._change_header(map_type, key_ptr, key_len, val_ptr, val_len, HeaderMap.add)
 
     def proxy_replace_header_map_value(self, map_type: int, key_ptr: int, key_len: int, val_ptr: int,
                                        val_len: int) -> int:
-        headers = self._map(map_type)
-        if headers is None or not self.ctx.header_map_writable(map_type):
-            return BAD_ARGUMENT
-        kv = self._key_value(key_ptr, key_len, val_ptr, val_len)
-        if kv is None:
-            return INVALID_MEMORY_ACCESS
-        headers.set(*kv)
-        return OK
+        return self._change_header(map_type, key_ptr, key_len, val_ptr, val_len, HeaderMap.set)
 
     def proxy_remove_header_map_value(self, map_type: int, key_ptr: int, key_len: int) -> int:
-        headers = self._map(map_type)
-        if headers is None or not self.ctx.header_map_writable(map_type):
+        headers = self.ctx.writable_header_map(map_type)
+        if headers is None:
             return BAD_ARGUMENT
         key = self._read(key_ptr, key_len)
         if key is None:
@@ -300,10 +295,11 @@ class HostCalls:
         return self._copy_out(value, val_ptr_ptr, val_len_ptr)
 
     def proxy_set_shared_data(self, key_ptr: int, key_len: int, val_ptr: int, val_len: int, cas: int) -> int:
-        kv = self._key_value(key_ptr, key_len, val_ptr, val_len)
-        if kv is None:
+        key = self._read(key_ptr, key_len)
+        value = self._read(val_ptr, val_len)
+        if key is None or value is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.services.shared_data.set(self.vm.vm_id, kv[0], kv[1], cas)
+        return self.vm.services.shared_data.set(self.vm.vm_id, key, value, cas)
 
     def proxy_register_shared_queue(self, name_ptr: int, name_len: int, token_ptr: int) -> int:
         name = self._read(name_ptr, name_len)

@@ -22,7 +22,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.http.local_reply import LocalReplyFilter
 from wasmesh.runtime.abi import AbiVersion
 from wasmesh.runtime.contexts import RootContext, StreamContext
-from wasmesh.runtime.engine import GuestFailure
+from wasmesh.runtime.engine import GuestFailure, GuestFunc
 
 if TYPE_CHECKING:
     from wasmesh.runtime.runtime import Runtime, VmSlot
@@ -93,13 +93,32 @@ class FailClosedFilter(LocalReplyFilter):
         super().__init__(503, b"", FAIL_STREAM_DETAILS)
 
 
+# Guest callback results → filter statuses, by index (cpp-host's convertVmCallResultToFilter*Status).
+_HEADERS_STATUS = tuple(FilterHeadersStatus)
+_DATA_STATUS = tuple(FilterDataStatus)
+_HEADERS_CONTINUE = FilterHeadersStatus.CONTINUE
+_HEADERS_STOP = FilterHeadersStatus.STOP_ITERATION
+_HEADERS_STOP_ALL = FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
+_DATA_CONTINUE = FilterDataStatus.CONTINUE
+_DATA_STOP_NO_BUFFER = FilterDataStatus.STOP_ITERATION_NO_BUFFER
+_TRAILERS_CONTINUE = FilterTrailersStatus.CONTINUE
+_TRAILERS_STOP = FilterTrailersStatus.STOP_ITERATION
+
+
 class WasmHttpFilter:
     """One Proxy-Wasm stream context driven as an Envoy HTTP filter (implements StreamHooks)."""
+
+    __slots__ = (
+        "_plugin", "_vm", "_root", "_exports", "_ctx", "_failed", "_fail_open", "_honour_stop_iteration",
+        "callbacks", "request_headers", "request_trailers", "response_headers", "response_trailers",
+        "request_body", "response_body", "in_decode", "in_encode", "resume_now", "local_reply_sent",
+    )  # fmt: skip
 
     def __init__(self, plugin: WasmPlugin, vm: PluginVm, root: RootContext) -> None:
         self._plugin = plugin
         self._vm = vm
         self._root = root
+        self._exports = vm.stream_exports
         self._ctx: StreamContext | None = None
         self._failed = False
         self._fail_open = plugin.spec.failure_policy == FailurePolicy.FAIL_OPEN
@@ -124,14 +143,21 @@ class WasmHttpFilter:
         self.callbacks = callbacks
 
     # -- guest calls with the failure policy ------------------------------------------------
-    def _call(self, name: str, *args: int) -> int | None:
-        """Run a stream callback; None if not exported or if the VM failed (policy applied)."""
+    def _call(self, fn: GuestFunc | None, *args: int) -> int | None:
+        """Run a stream callback; None if not exported or if the VM failed (policy applied).
+
+        The stream context is created (proxy_on_context_create) before the first callback,
+        exported or not, as Envoy does.
+        """
         if self._failed:
             return None
         try:
-            if self._ctx is None:
-                self._ctx = self._vm.create_stream(self._root, self)
-            return self._vm.invoke(self._ctx, name, self._ctx.id, *args)
+            ctx = self._ctx
+            if ctx is None:
+                ctx = self._ctx = self._vm.create_stream(self._root, self)
+            if fn is None:
+                return None
+            return self._vm.call(ctx, fn, ctx.id, *args)
         except GuestFailure as failure:
             self._failed = True
             self._plugin.runtime.report_failure(self._vm, failure)
@@ -144,88 +170,90 @@ class WasmHttpFilter:
         return self._failed and not self._fail_open
 
     def _headers_status(self, result: int | None) -> FilterHeadersStatus:
-        if self.local_reply_sent or self._stopped_by_failure():
-            return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
+        if self.local_reply_sent or (self._failed and not self._fail_open):
+            return _HEADERS_STOP_ALL
         if result is None or self.resume_now:
-            return FilterHeadersStatus.CONTINUE
-        if result > FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK:
-            return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
-        if result == FilterHeadersStatus.STOP_ITERATION and not self._honour_stop_iteration:
+            return _HEADERS_CONTINUE
+        if result >= _HEADERS_STOP_ALL or result < 0:
+            return _HEADERS_STOP_ALL
+        if result == _HEADERS_STOP and not self._honour_stop_iteration:
             # cpp-host: a headers "Pause" holds everything until proxy_continue_stream.
-            return FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK
-        return FilterHeadersStatus(result)
+            return _HEADERS_STOP_ALL
+        return _HEADERS_STATUS[result]
 
     def _data_status(self, result: int | None) -> FilterDataStatus:
-        if self.local_reply_sent or self._stopped_by_failure():
-            return FilterDataStatus.STOP_ITERATION_NO_BUFFER
+        if self.local_reply_sent or (self._failed and not self._fail_open):
+            return _DATA_STOP_NO_BUFFER
         if result is None or self.resume_now:
-            return FilterDataStatus.CONTINUE
-        if result > FilterDataStatus.STOP_ITERATION_NO_BUFFER:
-            return FilterDataStatus.STOP_ITERATION_NO_BUFFER
-        return FilterDataStatus(result)
+            return _DATA_CONTINUE
+        if result >= _DATA_STOP_NO_BUFFER or result < 0:
+            return _DATA_STOP_NO_BUFFER
+        return _DATA_STATUS[result]
 
     def _trailers_status(self, result: int | None) -> FilterTrailersStatus:
-        if self.local_reply_sent or self._stopped_by_failure():
-            return FilterTrailersStatus.STOP_ITERATION
+        if self.local_reply_sent or (self._failed and not self._fail_open):
+            return _TRAILERS_STOP
         if result is None or self.resume_now or result == 0:
-            return FilterTrailersStatus.CONTINUE
-        return FilterTrailersStatus.STOP_ITERATION
+            return _TRAILERS_CONTINUE
+        return _TRAILERS_STOP
 
-    def _decode(self, name: str, *args: int) -> int | None:
-        self.in_decode, self.resume_now = True, False
+    def _decode(self, fn: GuestFunc | None, *args: int) -> int | None:
+        self.in_decode = True
+        self.resume_now = False
         try:
-            return self._call(name, *args)
+            return self._call(fn, *args)
         finally:
             self.in_decode = False
 
-    def _encode(self, name: str, *args: int) -> int | None:
-        self.in_encode, self.resume_now = True, False
+    def _encode(self, fn: GuestFunc | None, *args: int) -> int | None:
+        self.in_encode = True
+        self.resume_now = False
         try:
-            return self._call(name, *args)
+            return self._call(fn, *args)
         finally:
             self.in_encode = False
 
     # -- HttpFilter ---------------------------------------------------------------------
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         self.request_headers = headers
-        return self._headers_status(self._decode("proxy_on_request_headers", len(headers), int(end_stream)))
+        return self._headers_status(self._decode(self._exports.request_headers, len(headers), end_stream))
 
     def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.request_body = data
-        return self._data_status(self._decode("proxy_on_request_body", len(data), int(end_stream)))
+        return self._data_status(self._decode(self._exports.request_body, len(data), end_stream))
 
     def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
         self.request_trailers = trailers
-        return self._trailers_status(self._decode("proxy_on_request_trailers", len(trailers)))
+        return self._trailers_status(self._decode(self._exports.request_trailers, len(trailers)))
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         self.response_headers = headers
         # A local reply sent while decoding (ours, or FAIL_CLOSE's 503) must pass this encoder (as Envoy).
         passthrough = self.local_reply_sent or self._stopped_by_failure()
-        result = self._encode("proxy_on_response_headers", len(headers), int(end_stream))
+        result = self._encode(self._exports.response_headers, len(headers), end_stream)
         status = self._headers_status(result)
-        return FilterHeadersStatus.CONTINUE if passthrough else status
+        return _HEADERS_CONTINUE if passthrough else status
 
     def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.response_body = data
         passthrough = self.local_reply_sent or self._stopped_by_failure()
-        status = self._data_status(self._encode("proxy_on_response_body", len(data), int(end_stream)))
-        return FilterDataStatus.CONTINUE if passthrough else status
+        status = self._data_status(self._encode(self._exports.response_body, len(data), end_stream))
+        return _DATA_CONTINUE if passthrough else status
 
     def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
         self.response_trailers = trailers
         passthrough = self.local_reply_sent or self._stopped_by_failure()
-        status = self._trailers_status(self._encode("proxy_on_response_trailers", len(trailers)))
-        return FilterTrailersStatus.CONTINUE if passthrough else status
+        status = self._trailers_status(self._encode(self._exports.response_trailers, len(trailers)))
+        return _TRAILERS_CONTINUE if passthrough else status
 
     def on_log(self) -> None:
         # Envoy creates the context first if the request never reached this filter.
-        self._call("proxy_on_log")
+        self._call(self._exports.log)
 
     def on_destroy(self) -> None:
         ctx = self._ctx
         if ctx is not None and not self._failed and self._vm.failure is None:
-            self._call("proxy_on_done")
+            self._call(self._exports.done)
             if not self._failed:
                 try:
                     self._vm.delete_context(ctx)

@@ -89,6 +89,36 @@ class AbiError(ModuleLoadError):
     pass
 
 
+# cpp-host's restricted phases (WasmBase::startVm and allocMemory): any other host call
+# fails the VM with "restricted_callback".
+MALLOC_HOSTCALLS = frozenset({
+    "env.proxy_log",
+    *(f"{module}.{name}" for module in ("wasi_snapshot_preview1", "wasi_unstable")
+      for name in ("fd_write", "clock_time_get", "poll_oneoff")),
+})  # fmt: skip
+
+
+class StreamExports:
+    """The per-stream callbacks a module exports, resolved once per VM (None: not exported)."""
+
+    __slots__ = (
+        "context_create", "request_headers", "request_body", "request_trailers", "response_headers",
+        "response_body", "response_trailers", "log", "done", "delete",
+    )  # fmt: skip
+
+    def __init__(self, functions: dict[str, GuestFunc]) -> None:
+        self.context_create = functions.get("proxy_on_context_create")
+        self.request_headers = functions.get("proxy_on_request_headers")
+        self.request_body = functions.get("proxy_on_request_body")
+        self.request_trailers = functions.get("proxy_on_request_trailers")
+        self.response_headers = functions.get("proxy_on_response_headers")
+        self.response_body = functions.get("proxy_on_response_body")
+        self.response_trailers = functions.get("proxy_on_response_trailers")
+        self.log = functions.get("proxy_on_log")
+        self.done = functions.get("proxy_on_done")
+        self.delete = functions.get("proxy_on_delete")
+
+
 def detect_abi(compiled: CompiledModule) -> AbiVersion:
     markers = [name for name in compiled.exports if name.startswith(ABI_MARKER_PREFIX)]
     for name in markers:
@@ -143,6 +173,12 @@ class PluginVm:
         funcs: dict[tuple[str, str], HostFunc] = {}
         for host in [*self.hostcalls.host_funcs(), *wasi.host_funcs()]:
             funcs[(host.module, host.name)] = host
+        # During initialisation cpp-host allows proxy_log and a list of WASI calls that Go's
+        # wasip1 runtime outgrew (it also needs fd_fdstat_*, sched_yield, …): we allow
+        # proxy_log and every WASI call, and refuse the proxy_* calls.
+        self._startup_hostcalls = frozenset(
+            {"env.proxy_log", *(f"{h.module}.{h.name}" for h in wasi.host_funcs())}
+        )
         self.instance = WasmInstance(
             engine, compiled, funcs, memory_limit_bytes,
             on_link_mismatch=lambda msg: logger.warning("%s: %s (calls to it will trap)", label, msg),
@@ -153,12 +189,14 @@ class PluginVm:
         if allocator is None:
             raise ModuleLoadError("module exports neither malloc nor proxy_on_memory_allocate")
         self._allocator: GuestFunc = allocator
+        self.stream_exports = StreamExports(self.instance.functions)
 
     # -- start-up ----------------------------------------------------------------------
     def start(self) -> None:
         """Run the module's initialisation as cpp-host does; raises GuestFailure on a trap."""
         self.instance.deadline_ms = self.startup_deadline_ms
         initialize = self.instance.func("_initialize")
+        previous = self.instance.restrict(self._startup_hostcalls, "module initialisation")
         try:
             if initialize is not None:
                 initialize()
@@ -172,6 +210,8 @@ class PluginVm:
         except ProcExit as exc:
             if exc.code != 0:
                 raise GuestFailure("trap", f"initialisation exited with code {exc.code}") from None
+        finally:
+            self.instance.restrict(*previous)
         self.instance.deadline_ms = self.callback_deadline_ms
 
     def has_export(self, name: str) -> bool:
@@ -183,7 +223,11 @@ class PluginVm:
 
     # -- memory -----------------------------------------------------------------------
     def allocate(self, size: int) -> int:
-        return self._allocator(size) & 0xFFFFFFFF
+        previous = self.instance.restrict(MALLOC_HOSTCALLS, self._allocator.name)
+        try:
+            return self._allocator(size) & 0xFFFFFFFF
+        finally:
+            self.instance.restrict(*previous)
 
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> WasmResult:
         inst = self.instance
@@ -225,27 +269,39 @@ class PluginVm:
         return root
 
     def create_stream(self, root: RootContext, hooks: StreamHooks) -> StreamContext:
-        ctx = StreamContext(self, self._new_context_id(), root, hooks)
+        self._next_context_id += 1
+        ctx = StreamContext(self, self._next_context_id, root, hooks)
         self.contexts[ctx.id] = ctx
-        self.invoke(ctx, "proxy_on_context_create", ctx.id, root.id)
+        create = self.stream_exports.context_create
+        if create is not None:
+            self.call(ctx, create, ctx.id, root.id)
         ctx.created = True
         return ctx
 
     def start_root(self, root: RootContext) -> tuple[bool, str]:
-        """on_vm_start then on_configure; (False, which) if either refused."""
-        if self.invoke(root, "proxy_on_vm_start", root.id, len(root.identity.vm_config)) == 0:
-            return False, "on_vm_start"
-        self.in_configure = True
+        """on_vm_start then on_configure; (False, which) if either refused.
+
+        Both run under the start-up deadline, not the per-request one: plugins parse their
+        configuration there (compiling regexes, loading word lists), which can take a Go
+        plugin well over a second on a busy machine.
+        """
+        self.instance.deadline_ms = self.startup_deadline_ms
+        self.in_configure = False
         try:
+            if self.invoke(root, "proxy_on_vm_start", root.id, len(root.identity.vm_config)) == 0:
+                return False, "on_vm_start"
+            self.in_configure = True
             if self.invoke(root, "proxy_on_configure", root.id, len(root.identity.configuration)) == 0:
                 return False, "on_configure"
         finally:
             self.in_configure = False
+            self.instance.deadline_ms = self.callback_deadline_ms
         return True, ""
 
     def delete_context(self, ctx: Context) -> None:
-        if self.failure is None and ctx.created:
-            self.invoke(ctx, "proxy_on_delete", ctx.id)
+        delete = self.stream_exports.delete
+        if delete is not None and self.failure is None and ctx.created:
+            self.call(ctx, delete, ctx.id)
         self.contexts.pop(ctx.id, None)
 
     def shutdown_root(self, root: RootContext) -> None:
@@ -285,24 +341,29 @@ class PluginVm:
         fn = self.instance.functions.get(name)
         if fn is None:
             return None
+        return self.call(ctx, fn, *args)
+
+    def call(self, ctx: Context, fn: GuestFunc, *args: int) -> int:
+        """Call a resolved guest export for ``ctx`` (the hot path of ``invoke``)."""
         if self.failure is not None:
             raise self.failure
-        outer = self._current is None
-        saved = (self._current, self._effective)
+        saved_current = self._current
+        saved_effective = self._effective
         self._current = self._effective = ctx
-        if outer:
+        if saved_current is None:
             self.local_reply_in_call = False
         try:
             result = fn(*args)
         except ProcExit as exc:
-            self._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {name}"))
+            self._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {fn.name}"))
             raise self.failure from None  # type: ignore[misc]
         except GuestFailure as exc:
             self._fail(exc)
             raise
         finally:
-            self._current, self._effective = saved
-        if outer:
+            self._current = saved_current
+            self._effective = saved_effective
+        if saved_current is None and self._deferred:
             self._run_deferred()
         return result
 
