@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import RET_PTR, FakeCallbacks, build_module, request, returned_bytes, slot
+from runtime_support import RET_PTR, FakeCallbacks, build_module, request, returned_bytes, slot
 
 from wasmesh.http.filter import FilterHeadersStatus
 from wasmesh.runtime import PluginLoadError, PluginSpec, Runtime

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FakeCallbacks, build_module, request
+from runtime_support import FakeCallbacks, build_module, request
 
 from wasmesh.http.filter import FilterHeadersStatus
 from wasmesh.runtime import FailurePolicy, PluginSpec, Runtime

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FakeCallbacks, LogRecorder, request
+from runtime_support import FakeCallbacks, LogRecorder, request
 
 from wasmesh.http.filter import FilterHeadersStatus
 from wasmesh.runtime import PluginSpec, Runtime

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import pytest
-from conftest import (
+from runtime_support import (
     RET_PTR,
     FakeCallbacks,
     LogRecorder,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.chain import PluginChain
@@ -27,8 +27,12 @@ from wasmesh.proxy.http1 import encode_request_head
 from wasmesh.proxy.upstream import ClusterManager, UpstreamConnection
 
 if TYPE_CHECKING:
+    from wasmesh.agent.cache import ModuleCache
     from wasmesh.api.model import WasmPlugin
     from wasmesh.http.filter import HttpFilterFactory
+    from wasmesh.runtime.plugin import PluginSpec
+    from wasmesh.runtime.plugin import WasmPlugin as WasmFilterFactory
+    from wasmesh.runtime.runtime import Runtime
 
 log = logging.getLogger("wasmesh.proxy.plugins")
 plugin_log = logging.getLogger("wasmesh.plugin")
@@ -92,26 +96,45 @@ def select_for_listener(plugins: Sequence[WasmPlugin], listener: ListenerConfig)
     return order_chain(chosen)
 
 
-class WasmChainBuilder:
-    """Builds plugin chains for one worker; owns that worker's Runtime (its own VMs) and module cache."""
+def one_line(exc: BaseException) -> str:
+    """An exception's message folded onto one line (its type name when it has no message)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def vm_env(inline: Iterable[tuple[str, str]], host_env_keys: Iterable[str]) -> dict[str, str]:
+    """A VM's environment: the inline values, plus the listed keys copied from the proxy's own env."""
+    env = dict(inline)
+    for key in host_env_keys:
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+class RuntimeChainBuilder:
+    """What every chain builder shares: one worker's Runtime (its own VMs) and verified module cache,
+    http_call over the proxy's clusters, and a chain's plugins loaded and unloaded as one unit.
+
+    Subclasses turn their own input (WasmPlugin documents, xDS filter specs) into PluginSpecs
+    and hand the loaded factories to `assemble_chain`.
+    """
 
     def __init__(
         self,
         *,
         node: dict[str, Any],
-        cache: CacheConfig,
+        cache: CacheConfig | None,
         clusters: Callable[[], ClusterManager | None],
         compile_cache_dir: str | None = None,
     ) -> None:
         self._node = node
-        self._cache_config = cache
+        self._cache_config = cache or CacheConfig()
         self._compile_cache_dir = compile_cache_dir
         self.http_caller = ClusterHttpCaller(clusters)
-        self._runtime: Any = None
-        self._module_cache: Any = None
+        self._runtime: Runtime | None = None
+        self._module_cache: ModuleCache | None = None
 
     @property
-    def runtime(self) -> Any:
+    def runtime(self) -> Runtime:
         if self._runtime is None:
             from wasmesh.runtime.runtime import Runtime
 
@@ -123,19 +146,73 @@ class WasmChainBuilder:
             )
         return self._runtime
 
-    def _cache(self) -> Any:
+    def module_cache(self) -> ModuleCache:
         if self._module_cache is None:
             from wasmesh.agent.cache import ModuleCache
             from wasmesh.agent.options import CacheOptions
 
-            options = CacheOptions(insecure_registries=frozenset(self._cache_config.insecure_registries))
-            if self._cache_config.dir is not None:
-                options = CacheOptions(
-                    dir=Path(self._cache_config.dir),
-                    insecure_registries=frozenset(self._cache_config.insecure_registries),
-                )
+            insecure = frozenset(self._cache_config.insecure_registries)
+            options = (
+                CacheOptions(dir=Path(self._cache_config.dir), insecure_registries=insecure)
+                if self._cache_config.dir is not None
+                else CacheOptions(insecure_registries=insecure)
+            )
             self._module_cache = ModuleCache(options)
         return self._module_cache
+
+    def load_plugin(self, spec: PluginSpec, on_error: Callable[[str], Exception]) -> HttpFilterFactory:
+        """The runtime's factory for `spec`; a load failure (or a plugin bug we must not crash on)
+        becomes `on_error(one-line reason)`."""
+        try:
+            return self.runtime.load_plugin(spec)
+        except Exception as exc:  # noqa: BLE001 - PluginLoadError or anything a plugin start raises
+            raise on_error(one_line(exc)) from None
+
+    def assemble_chain(
+        self,
+        factories: Iterable[HttpFilterFactory],
+        generation: int,
+        description: Sequence[dict[str, object]],
+    ) -> PluginChain:
+        """A chain of `factories` in order. They may be produced lazily (a generator that loads
+        plugins): if producing one raises, those already loaded are unloaded before re-raising."""
+        loaded: list[HttpFilterFactory] = []
+        try:
+            for factory in factories:
+                loaded.append(factory)
+        except BaseException:
+            self._unload_all(loaded)
+            raise
+        return PluginChain(
+            loaded,
+            generation=generation,
+            on_drained=lambda chain: self._unload_all(chain.factories),
+            description=description,
+        )
+
+    def _unload_all(self, factories: Iterable[HttpFilterFactory]) -> None:
+        for factory in factories:
+            self._unload(factory)
+
+    def _unload(self, factory: HttpFilterFactory) -> None:
+        try:
+            self.runtime.unload_plugin(cast("WasmFilterFactory", factory))
+        except Exception:
+            log.exception("unloading plugin %s failed", factory.name)
+
+    def render_metrics(self) -> str:
+        if self._runtime is None:
+            return ""
+        return self._runtime.metrics.render_prometheus()
+
+    def close(self) -> None:
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+
+
+class WasmChainBuilder(RuntimeChainBuilder):
+    """Builds plugin chains from WasmPlugin documents for one worker (`ProxyServer`'s ChainBuilder)."""
 
     async def fetch_module(self, plugin: WasmPlugin) -> bytes:
         url = plugin.normalized_url
@@ -144,7 +221,7 @@ class WasmChainBuilder:
             if url.startswith("file://") and not plugin.sha256:
                 # Local development loop: read the file directly (no cache copy needed).
                 return await asyncio.to_thread(Path(url[len("file://") :]).read_bytes)
-            path = await self._cache().get(
+            path = await self.module_cache().get(
                 url,
                 sha256=plugin.sha256,
                 pull_policy=plugin.effective_pull_policy.name,
@@ -152,24 +229,19 @@ class WasmChainBuilder:
             )
             return await asyncio.to_thread(Path(path).read_bytes)
         except Exception as exc:  # noqa: BLE001 - any fetch failure is reported as one line
-            reason = " ".join(str(exc).split())
             name = f"{plugin.namespace}.{plugin.name}"
-            raise PluginChainError(f"{where}plugin {name}: cannot fetch {url}: {reason}") from None
+            raise PluginChainError(f"{where}plugin {name}: cannot fetch {url}: {one_line(exc)}") from None
 
-    def _spec(self, plugin: WasmPlugin, module: bytes) -> Any:
+    def _spec(self, plugin: WasmPlugin, module: bytes) -> PluginSpec:
         from wasmesh.api.model import plugin_configuration_json
         from wasmesh.runtime.plugin import FailurePolicy, PluginSpec
 
-        env = dict(plugin.inline_env)
-        for key in plugin.host_env_keys:
-            if key in os.environ:
-                env[key] = os.environ[key]
         return PluginSpec(
             name=f"{plugin.namespace}.{plugin.name}",
             module=module,
             root_id=plugin.plugin_name,
             configuration=plugin_configuration_json(plugin),
-            env=env,
+            env=vm_env(plugin.inline_env.items(), plugin.host_env_keys),
             failure_policy=FailurePolicy[plugin.fail_strategy.name],
         )
 
@@ -178,20 +250,11 @@ class WasmChainBuilder:
     ) -> PluginChain:
         plugins = select_for_listener(parse_resources(resources), listener)
         modules = await asyncio.gather(*(self.fetch_module(p) for p in plugins))
-        factories: list[HttpFilterFactory] = []
-        runtime = self.runtime
-        try:
-            for plugin, module in zip(plugins, modules, strict=True):
-                try:
-                    factories.append(runtime.load_plugin(self._spec(plugin, module)))
-                except Exception as exc:  # PluginLoadError, or a bug in a plugin we must not crash on
-                    where = f"{plugin.source_file}: " if plugin.source_file else ""
-                    message = " ".join(str(exc).split())
-                    raise PluginChainError(f"{where}{message}") from None
-        except BaseException:
-            for f in factories:
-                self._unload(f)
-            raise
+
+        def load_error(plugin: WasmPlugin) -> Callable[[str], Exception]:
+            where = f"{plugin.source_file}: " if plugin.source_file else ""
+            return lambda reason: PluginChainError(f"{where}{reason}")
+
         description: list[dict[str, object]] = [
             {
                 "name": f"{p.namespace}.{p.name}",
@@ -203,32 +266,14 @@ class WasmChainBuilder:
             }
             for p in plugins
         ]
-        return PluginChain(
-            factories, generation=generation, on_drained=self._unload_chain, description=description
+        return self.assemble_chain(
+            (
+                self.load_plugin(self._spec(plugin, module), load_error(plugin))
+                for plugin, module in zip(plugins, modules, strict=True)
+            ),
+            generation,
+            description,
         )
-
-    def _unload_chain(self, chain: PluginChain) -> None:
-        for f in chain.factories:
-            self._unload(f)
-
-    def _unload(self, factory: HttpFilterFactory) -> None:
-        try:
-            self.runtime.unload_plugin(factory)
-        except Exception:
-            log.exception("unloading plugin %s failed", factory.name)
-
-    def render_metrics(self) -> str:
-        if self._runtime is None:
-            return ""
-        text: str = self._runtime.metrics.render_prometheus()
-        return text
-
-    def close(self) -> None:
-        if self._runtime is not None:
-            close = getattr(self._runtime, "close", None)
-            if close is not None:
-                close()
-            self._runtime = None
 
 
 # --------------------------------------------------------------------------- http_call

@@ -16,9 +16,11 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from wasmesh.proxy.admin import AdminHandlers, apply_level, label_worker, merge_prometheus, start_admin
 from wasmesh.proxy.config import ConfigError, ProxyConfig, load_config
@@ -81,8 +83,54 @@ def _local_handlers(server: ProxyServer) -> AdminHandlers:
     return AdminHandlers(prometheus=prometheus, config_dump=config_dump, ready=ready)
 
 
+class WorkerServe(Protocol):
+    """One worker's main coroutine (`serve`, `serve_xds`); module-level, so picklable for spawn."""
+
+    def __call__(
+        self,
+        payload: Any,
+        /,
+        *,
+        worker_id: int,
+        reuse_port: bool,
+        admin_address: tuple[str, int] | None,
+        report: Connection | None,
+    ) -> Coroutine[Any, Any, int]: ...
+
+
+async def run_worker_until_stopped(
+    handlers: AdminHandlers,
+    *,
+    worker_id: int,
+    admin_address: tuple[str, int] | None,
+    report: Connection | None,
+    announcement: dict[str, object],
+    in_flight: Callable[[], int],
+) -> None:
+    """What every serving worker does until SIGTERM/SIGINT: its admin listener, the ready report to
+    the supervisor (with the admin port, where the supervisor gathers stats and dumps), and the
+    one JSON line on stdout (single-process mode). Returns with the admin listener closed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    admin_server = None
+    if admin_address is not None:
+        admin_server = await start_admin(handlers, admin_address[0], admin_address[1])
+    if report is not None:
+        admin_port = admin_server.sockets[0].getsockname()[1] if admin_server is not None else 0
+        report.send(("ready", worker_id, admin_port))
+    if worker_id == 0 and report is None:
+        print(json.dumps(announcement), flush=True)
+    await stop.wait()
+    log.info("worker %d draining (%d in flight)", worker_id, in_flight())
+    if admin_server is not None:
+        admin_server.close()
+
+
 async def serve(
     source: ConfigSource,
+    /,
     *,
     worker_id: int = 0,
     reuse_port: bool = False,
@@ -102,41 +150,34 @@ async def serve(
         print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         await server.stop(0)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    admin_server = None
-    if admin_address is not None:
-        admin_server = await start_admin(_local_handlers(server), admin_address[0], admin_address[1])
-    if report is not None:
-        admin_port = admin_server.sockets[0].getsockname()[1] if admin_server is not None else 0
-        report.send(("ready", worker_id, admin_port))
     addresses = ", ".join(
         f"{n}={h}:{p}" for n, (h, p) in ((n, server.listener_address(n)) for n in server.listeners)
     )
     log.info("worker %d serving %s", worker_id, addresses)
-    if worker_id == 0 and report is None:
-        print(
-            json.dumps({"listeners": {n: list(server.listener_address(n)) for n in server.listeners}}),
-            flush=True,
-        )
-    watcher = ReloadWatcher(source, server)
-    watch_task = loop.create_task(watcher.run())
-    await stop.wait()
-    log.info("worker %d draining (%d in flight)", worker_id, server.in_flight())
+    watch_task = asyncio.get_running_loop().create_task(ReloadWatcher(source, server).run())
+    await run_worker_until_stopped(
+        _local_handlers(server),
+        worker_id=worker_id,
+        admin_address=admin_address,
+        report=report,
+        announcement={"listeners": {n: list(server.listener_address(n)) for n in server.listeners}},
+        in_flight=server.in_flight,
+    )
     watch_task.cancel()
-    if admin_server is not None:
-        admin_server.close()
     await server.stop()
     return 0
 
 
-def _worker_process_main(source: ConfigSource, worker_id: int, report: Connection, log_level: str) -> None:
+def worker_process_main(
+    serve_worker: WorkerServe, payload: object, worker_id: int, report: Connection, log_level: str
+) -> None:
+    """A worker process's entry point (multiprocessing spawn target)."""
     setup_logging(log_level)
     install_uvloop()
     code = asyncio.run(
-        serve(source, worker_id=worker_id, reuse_port=True, admin_address=("127.0.0.1", 0), report=report)
+        serve_worker(
+            payload, worker_id=worker_id, reuse_port=True, admin_address=("127.0.0.1", 0), report=report
+        )
     )
     sys.exit(code)
 
@@ -152,40 +193,119 @@ async def _http_get(port: int, path: str, method: str = "GET") -> bytes:
     return body
 
 
+def _receive_once(conn: Connection) -> object:
+    """The worker's one report, or None when it died first; the pipe is closed either way."""
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
+    finally:
+        conn.close()
+
+
+# A worker that dies after it has served is restarted: at once the first time, then after
+# RESTART_BACKOFF_S doubling per consecutive crash up to RESTART_BACKOFF_MAX_S, so a worker that
+# keeps crashing (a plugin that kills its process, a config that no longer starts) does not spin.
+# A worker that stayed up RESTART_STABLE_S counts as healthy again (the next crash restarts at once).
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_STABLE_S = 30.0
+
+
+def restart_delay(consecutive_crashes: int) -> float:
+    """Seconds to wait before restarting a worker that has crashed this many times in a row (>= 1)."""
+    if consecutive_crashes <= 1:
+        return 0.0
+    return min(RESTART_BACKOFF_S * 2.0 ** (consecutive_crashes - 2), RESTART_BACKOFF_MAX_S)
+
+
+@dataclass
+class _WorkerSlot:
+    """One worker id's current process and its restart history."""
+
+    process: Any = None
+    started_at: float = 0.0
+    served: bool = False  # some process of this id has served (so a death is a crash, not bad config)
+    restarts: int = 0
+    consecutive_crashes: int = 0
+    restart_at: float | None = None  # monotonic time of a pending (backed-off) restart
+
+
 class Supervisor:
+    """Runs N worker processes, restarts crashed ones, and serves the merged admin endpoints."""
+
     def __init__(
-        self, source: ConfigSource, workers: int, admin: tuple[str, int] | None, log_level: str
+        self,
+        serve_worker: WorkerServe,
+        payload: object,
+        workers: int,
+        admin: tuple[str, int] | None,
+        log_level: str,
     ) -> None:
-        self.source = source
+        self.serve_worker = serve_worker
+        self.payload = payload
         self.count = workers
         self.admin = admin
         self.log_level = log_level
         self.ctx = multiprocessing.get_context("spawn")
-        self.procs: dict[int, Any] = {}
+        self.slots: dict[int, _WorkerSlot] = {wid: _WorkerSlot() for wid in range(workers)}
         self.admin_ports: dict[int, int] = {}
         self.stopping = False
+        self._reports: list[asyncio.Task[None]] = []
 
-    def _spawn(self, worker_id: int) -> Connection:
+    @property
+    def procs(self) -> dict[int, Any]:
+        return {wid: slot.process for wid, slot in self.slots.items() if slot.process is not None}
+
+    def _spawn(self, worker_id: int) -> None:
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(
-            target=_worker_process_main,
-            args=(self.source, worker_id, child, self.log_level),
+        process = self.ctx.Process(
+            target=worker_process_main,
+            args=(self.serve_worker, self.payload, worker_id, child, self.log_level),
             name=f"wasmesh-worker-{worker_id}",
             daemon=False,
         )
-        proc.start()
+        process.start()
         child.close()
-        self.procs[worker_id] = proc
-        return parent
+        slot = self.slots[worker_id]
+        slot.process, slot.restart_at = process, None
+        slot.started_at = time.monotonic()
+        self._reports.append(asyncio.create_task(self._wait_report(worker_id, process, parent)))
 
-    async def _wait_report(self, worker_id: int, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            msg = await loop.run_in_executor(None, conn.recv)
-        except EOFError:
+    async def _wait_report(self, worker_id: int, process: Any, conn: Connection) -> None:
+        msg = await asyncio.get_running_loop().run_in_executor(None, _receive_once, conn)
+        slot = self.slots[worker_id]
+        if slot.process is not process:  # a late report from a process that has been replaced
             return
         if isinstance(msg, tuple) and msg[0] == "ready":
             self.admin_ports[worker_id] = int(msg[2])
+            slot.served = True
+
+    def _check_workers(self, now: float) -> int | None:
+        """Restart dead workers (with backoff); an exit code when the proxy cannot start at all."""
+        for wid, slot in self.slots.items():
+            process = slot.process
+            if slot.restart_at is not None:
+                if now >= slot.restart_at:
+                    self._spawn(wid)
+                continue
+            if process is None or process.is_alive():
+                continue
+            if not slot.served:
+                # Died before any process of this id served: the config cannot start; do not spin.
+                code: int = process.exitcode or 1
+                return code
+            self.admin_ports.pop(wid, None)
+            if now - slot.started_at >= RESTART_STABLE_S:
+                slot.consecutive_crashes = 0
+            slot.consecutive_crashes += 1
+            slot.restarts += 1
+            delay = restart_delay(slot.consecutive_crashes)
+            log.error("worker %d exited with %s; restarting it in %.1fs", wid, process.exitcode, delay)
+            slot.restart_at = now + delay
+            if delay == 0:
+                self._spawn(wid)
+        return None
 
     async def _gather(self, path: str) -> dict[int, bytes]:
         results: dict[int, bytes] = {}
@@ -194,6 +314,21 @@ class Supervisor:
                 results[wid] = await _http_get(port, path)
         return results
 
+    def describe(self) -> dict[str, object]:
+        """The supervisor's view for /config_dump: each worker's pid, whether it serves, restarts."""
+        return {
+            "pid": os.getpid(),
+            "workers": [
+                {
+                    "id": wid,
+                    "pid": slot.process.pid if slot.process is not None and slot.process.is_alive() else None,
+                    "serving": wid in self.admin_ports,
+                    "restarts": slot.restarts,
+                }
+                for wid, slot in sorted(self.slots.items())
+            ],
+        }
+
     def handlers(self) -> AdminHandlers:
         async def prometheus() -> str:
             texts = await self._gather("/stats/prometheus")
@@ -201,7 +336,7 @@ class Supervisor:
 
         async def config_dump() -> object:
             texts = await self._gather("/config_dump")
-            return {"workers": [json.loads(t) for t in texts.values()]}
+            return {"workers": [json.loads(t) for t in texts.values()], "supervisor": self.describe()}
 
         async def ready() -> bool:
             if self.stopping or len(self.admin_ports) < self.count:
@@ -221,33 +356,31 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        reports = [loop.create_task(self._wait_report(i, self._spawn(i))) for i in range(self.count)]
+        for wid in range(self.count):
+            self._spawn(wid)
         admin_server = None
         if self.admin is not None:
             admin_server = await start_admin(self.handlers(), self.admin[0], self.admin[1])
         exit_code = 0
         while not stop.is_set():
             await asyncio.sleep(0.2)
-            for wid, proc in list(self.procs.items()):
-                if not proc.is_alive() and not stop.is_set():
-                    if not self.admin_ports.get(wid):
-                        # Died before serving: the config cannot start; do not spin.
-                        exit_code = proc.exitcode or 1
-                        stop.set()
-                        break
-                    log.error("worker %d exited with %s; restarting it", wid, proc.exitcode)
-                    self.admin_ports.pop(wid, None)
-                    reports.append(loop.create_task(self._wait_report(wid, self._spawn(wid))))
+            if stop.is_set():
+                break
+            failed = self._check_workers(time.monotonic())
+            if failed is not None:
+                exit_code = failed
+                break
         self.stopping = True
-        for proc in self.procs.values():
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            await loop.run_in_executor(None, proc.join)
-            if proc.exitcode not in (0, None) and exit_code == 0 and proc.exitcode != -signal.SIGTERM:
-                exit_code = proc.exitcode
-        for t in reports:
-            t.cancel()
+        processes = list(self.procs.values())
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            await loop.run_in_executor(None, process.join)
+            if process.exitcode not in (0, None) and exit_code == 0 and process.exitcode != -signal.SIGTERM:
+                exit_code = process.exitcode
+        for task in self._reports:
+            task.cancel()
         if admin_server is not None:
             admin_server.close()
         return exit_code
@@ -273,4 +406,4 @@ def run_proxy(
             file=sys.stderr,
         )
         return 2
-    return asyncio.run(Supervisor(source, workers, admin, log_level).run())
+    return asyncio.run(Supervisor(serve, source, workers, admin, log_level).run())

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
-import signal
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -70,13 +67,14 @@ from wasmesh.proxy.config import (
     VirtualHostConfig,
 )
 from wasmesh.proxy.connection import Listener
-from wasmesh.proxy.plugins import ClusterHttpCaller, plugin_log_handler
+from wasmesh.proxy.plugins import RuntimeChainBuilder, one_line, vm_env
 from wasmesh.proxy.server import ProxyServer
 from wasmesh.xds import types
 from wasmesh.xds.client import ClientSnapshot, RejectUpdate, XdsClient, build_node, http_connection_manager
 
 if TYPE_CHECKING:
     from wasmesh.proxy.admin import AdminHandlers
+    from wasmesh.runtime.plugin import PluginSpec
 
 log = logging.getLogger("wasmesh.proxy.xds")
 
@@ -509,50 +507,8 @@ class RbacFilterFactory:
 # --------------------------------------------------------------------------- chain building
 
 
-class XdsChainBuilder:
+class XdsChainBuilder(RuntimeChainBuilder):
     """Loads filter specs into one worker's Runtime; also the ProxyServer's `ChainBuilder`."""
-
-    def __init__(
-        self,
-        *,
-        node: dict[str, Any],
-        clusters: Callable[[], Any],
-        cache: CacheConfig | None = None,
-        compile_cache_dir: str | None = None,
-    ) -> None:
-        self._node = node
-        self._cache_config = cache or CacheConfig()
-        self._compile_cache_dir = compile_cache_dir
-        self.http_caller = ClusterHttpCaller(clusters)
-        self._runtime: Any = None
-        self._module_cache: Any = None
-
-    @property
-    def runtime(self) -> Any:
-        if self._runtime is None:
-            from wasmesh.runtime.runtime import Runtime
-
-            self._runtime = Runtime(
-                http_caller=self.http_caller,
-                log_handler=plugin_log_handler,
-                compile_cache_dir=self._compile_cache_dir,
-                node=self._node,
-            )
-        return self._runtime
-
-    def module_cache(self) -> Any:
-        if self._module_cache is None:
-            from wasmesh.agent.cache import ModuleCache
-            from wasmesh.agent.options import CacheOptions
-
-            insecure = frozenset(self._cache_config.insecure_registries)
-            options = (
-                CacheOptions(dir=Path(self._cache_config.dir), insecure_registries=insecure)
-                if self._cache_config.dir is not None
-                else CacheOptions(insecure_registries=insecure)
-            )
-            self._module_cache = ModuleCache(options)
-        return self._module_cache
 
     async def fetch_module(self, spec: WasmFilterSpec) -> bytes:
         """The module bytes; XdsConfigError (one line naming the resource) when unavailable."""
@@ -570,23 +526,19 @@ class XdsChainBuilder:
             return await asyncio.to_thread(Path(path).read_bytes)
         except Exception as exc:  # noqa: BLE001 - any fetch failure becomes one line
             where = spec.local_filename or spec.remote_url
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = one_line(exc)
             raise XdsConfigError(f"{spec.resource_name}: cannot read module {where}: {reason}") from None
 
-    def _plugin_spec(self, spec: WasmFilterSpec, module: bytes) -> Any:
+    def _plugin_spec(self, spec: WasmFilterSpec, module: bytes) -> PluginSpec:
         from wasmesh.runtime.plugin import FailurePolicy, PluginSpec
 
-        env = dict(spec.env)
-        for key in spec.host_env_keys:
-            if key in os.environ:
-                env[key] = os.environ[key]
         return PluginSpec(
             name=spec.plugin_name,
             module=module,
             root_id=spec.root_id,
             vm_id=spec.vm_id,
             configuration=spec.configuration,
-            env=env,
+            env=vm_env(spec.env, spec.host_env_keys),
             failure_policy=FailurePolicy[spec.failure_policy],
         )
 
@@ -600,24 +552,17 @@ class XdsChainBuilder:
                 strict=True,
             )
         )
-        factories: list[HttpFilterFactory] = []
-        try:
-            for spec in filters:
-                if isinstance(spec, RbacFilterSpec):
-                    factories.append(RbacFilterFactory(spec))
-                    continue
-                try:
-                    factories.append(self.runtime.load_plugin(self._plugin_spec(spec, modules[id(spec)])))
-                except Exception as exc:  # PluginLoadError, or a plugin bug we must not crash on
-                    reason = " ".join(str(exc).split()) or type(exc).__name__
-                    raise XdsConfigError(f"{spec.resource_name}: {reason}") from None
-        except BaseException:
-            for factory in factories:
-                self._unload(factory)
-            raise
-        description: list[dict[str, object]] = [_describe(spec) for spec in filters]
-        return PluginChain(
-            factories, generation=generation, on_drained=self._unload_chain, description=description
+
+        def factory(spec: FilterSpec) -> HttpFilterFactory:
+            if isinstance(spec, RbacFilterSpec):
+                return RbacFilterFactory(spec)
+            return self.load_plugin(
+                self._plugin_spec(spec, modules[id(spec)]),
+                lambda reason: XdsConfigError(f"{spec.resource_name}: {reason}"),
+            )
+
+        return self.assemble_chain(
+            (factory(spec) for spec in filters), generation, [_describe(spec) for spec in filters]
         )
 
     # ChainBuilder protocol: ProxyServer only calls this for WasmPlugin documents, which xDS mode has none of.
@@ -628,30 +573,10 @@ class XdsChainBuilder:
             raise ConfigError(f"{resources[0].source}: WasmPlugin documents are not used with --xds")
         return PluginChain(generation=generation)
 
-    def _unload_chain(self, chain: PluginChain) -> None:
-        for factory in chain.factories:
-            self._unload(factory)
-
     def _unload(self, factory: HttpFilterFactory) -> None:
         if isinstance(factory, RbacFilterFactory):
-            return
-        try:
-            self.runtime.unload_plugin(factory)
-        except Exception:
-            log.exception("unloading plugin %s failed", factory.name)
-
-    def render_metrics(self) -> str:
-        if self._runtime is None:
-            return ""
-        text: str = self._runtime.metrics.render_prometheus()
-        return text
-
-    def close(self) -> None:
-        if self._runtime is not None:
-            close = getattr(self._runtime, "close", None)
-            if close is not None:
-                close()
-            self._runtime = None
+            return  # a Python filter: no VM behind it
+        super()._unload(factory)
 
 
 def _describe(spec: FilterSpec) -> dict[str, object]:
@@ -958,6 +883,7 @@ def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
 
 async def serve_xds(
     options: XdsOptions,
+    /,
     *,
     worker_id: int = 0,
     reuse_port: bool = False,
@@ -965,42 +891,21 @@ async def serve_xds(
     report: Connection | None = None,
 ) -> int:
     """Run one xDS-driven worker until SIGTERM/SIGINT; returns the exit code."""
-    from wasmesh.proxy.admin import start_admin
+    from wasmesh.proxy.workers import run_worker_until_stopped
 
     proxy = options.proxy(reuse_port=reuse_port, worker_id=worker_id)
     await proxy.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    admin_server = None
-    if admin_address is not None:
-        admin_server = await start_admin(proxy.admin_handlers(), admin_address[0], admin_address[1])
-    if report is not None:
-        admin_port = admin_server.sockets[0].getsockname()[1] if admin_server is not None else 0
-        report.send(("ready", worker_id, admin_port))
     log.info("worker %d: xDS client of %s as node %s", worker_id, options.target, options.node_id)
-    if worker_id == 0 and report is None:
-        print(json.dumps({"xds": options.target, "node": options.node_id}), flush=True)
-    await stop.wait()
-    log.info("worker %d draining (%d in flight)", worker_id, proxy.server.in_flight())
-    if admin_server is not None:
-        admin_server.close()
+    await run_worker_until_stopped(
+        proxy.admin_handlers(),
+        worker_id=worker_id,
+        admin_address=admin_address,
+        report=report,
+        announcement={"xds": options.target, "node": options.node_id},
+        in_flight=proxy.server.in_flight,
+    )
     await proxy.stop()
     return 0
-
-
-def _xds_worker_main(options: XdsOptions, worker_id: int, report: Connection, log_level: str) -> None:
-    from wasmesh.proxy.workers import install_uvloop, setup_logging
-
-    setup_logging(log_level)
-    install_uvloop()
-    code = asyncio.run(
-        serve_xds(
-            options, worker_id=worker_id, reuse_port=True, admin_address=("127.0.0.1", 0), report=report
-        )
-    )
-    sys.exit(code)
 
 
 def run_xds_proxy(
@@ -1017,30 +922,4 @@ def run_xds_proxy(
     install_uvloop()
     if workers <= 1:
         return asyncio.run(serve_xds(options, admin_address=admin))
-
-    class XdsSupervisor(Supervisor):
-        def _spawn(self, worker_id: int) -> Connection:
-            parent, child = self.ctx.Pipe(duplex=False)
-            process = self.ctx.Process(
-                target=_xds_worker_main,
-                args=(options, worker_id, child, self.log_level),
-                name=f"wasmesh-xds-worker-{worker_id}",
-                daemon=False,
-            )
-            process.start()
-            child.close()
-            self.procs[worker_id] = process
-            return parent
-
-    bootstrap = _StaticSource(ProxyConfig(listeners=(), clusters=(), source=f"xds://{options.target}"))
-    return asyncio.run(XdsSupervisor(bootstrap, workers, admin, log_level).run())
-
-
-@dataclass(frozen=True)
-class _StaticSource:
-    """The (empty) bootstrap config, for the Supervisor's ConfigSource slot."""
-
-    config: ProxyConfig
-
-    def load(self) -> ProxyConfig:
-        return self.config
+    return asyncio.run(Supervisor(serve_xds, options, workers, admin, log_level).run())

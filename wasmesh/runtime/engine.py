@@ -346,7 +346,9 @@ class WasmEngine:
 _VOID_P = ctypes.c_void_p
 _TRAP_PTR = ctypes.POINTER(raw.wasm_trap_t)
 _ERROR_PTR = ctypes.POINTER(raw.wasmtime_error_t)
-_string_at = ctypes._string_at  # type: ignore[attr-defined]  # string_at minus its Python wrapper
+_pack_u32 = struct.Struct("<I").pack_into
+_pack_u64 = struct.Struct("<Q").pack_into
+_unpack_u32 = struct.Struct("<I").unpack_from
 _u32_at = ctypes.c_uint32.from_address
 _i64_at = ctypes.c_int64.from_address
 _f32_at = ctypes.c_float.from_address
@@ -364,8 +366,8 @@ class GuestFunc:
     """A guest export called through ``wasmtime_func_call_unchecked``."""
 
     __slots__ = (
-        "name", "signature", "_inst", "_func", "_func_p", "_vals", "_vals_p", "_n_c", "_nparams",
-        "_all_i32", "_u32", "_i32", "_i64", "_result",
+        "name", "signature", "_inst", "_func", "_func_p", "_vals", "_vals_p", "_vals_view", "_n_c",
+        "_pack_args", "_u32", "_i32", "_i64", "_result",
     )  # fmt: skip
 
     def __init__(self, inst: WasmInstance, name: str, func: wasmtime.Func, signature: FuncSig) -> None:
@@ -378,8 +380,9 @@ class GuestFunc:
         self._vals = (raw.wasmtime_val_raw_t * slots)()
         self._vals_p = _VOID_P(ctypes.addressof(self._vals))
         self._n_c = ctypes.c_size_t(slots)
-        self._nparams = len(signature.params)
-        self._all_i32 = all(kind == "i32" for kind in signature.params)
+        self._vals_view = memoryview(self._vals).cast("B")
+        # All arguments in one pack_into: each sits in the low bytes of its 16-byte slot.
+        self._pack_args = struct.Struct("<" + "".join(_SLOT_FORMAT[k] for k in signature.params)).pack_into
         # Typed views over the same bytes: slot k's i32 is u32[4k], its i64 is i64[2k].
         self._u32 = (ctypes.c_uint32 * (4 * slots)).from_buffer(self._vals)
         self._i32 = (ctypes.c_int32 * (4 * slots)).from_buffer(self._vals)
@@ -388,7 +391,7 @@ class GuestFunc:
 
     @property
     def arity(self) -> int:
-        return self._nparams
+        return len(self.signature.params)
 
     def _set_args(self, args: tuple[int, ...]) -> None:
         for index, kind in enumerate(self.signature.params):
@@ -402,13 +405,9 @@ class GuestFunc:
 
     def __call__(self, *args: int) -> int:
         """Call with ints (extra args are dropped, missing ones are 0); returns the first result or 0."""
-        if self._all_i32 and len(args) >= self._nparams:
-            u32 = self._u32
-            slot = 0
-            for value in args[: self._nparams]:
-                u32[slot] = value & _MASK32
-                slot += 4
-        else:
+        try:
+            self._pack_args(self._vals_view, 0, *args)
+        except struct.error:  # another arity (ABI 0.1.0 callbacks), or a value to mask
             self._set_args(args)
         inst = self._inst
         depth = inst._depth
@@ -469,6 +468,7 @@ class WasmInstance:
         self._mem_p: Any = None
         self._mem_base = 0
         self._mem_size = 0
+        self._view: memoryview | None = None
         self.functions: dict[str, GuestFunc] = {}
         linker = wasmtime.Linker(engine.engine)
         defined: set[tuple[str, str]] = set()
@@ -509,7 +509,7 @@ class WasmInstance:
                 self._mem = ext
                 self._mem_p = _VOID_P(ctypes.addressof(ext._memory))
                 self._mem_base = _memory_data(self._ctx_p, self._mem_p) or 0
-                self._mem_size = _memory_data_size(self._ctx_p, self._mem_p)
+                self._refresh_memory()
 
     # -- linking -------------------------------------------------------------------
     def _define(self, linker: wasmtime.Linker, host: HostFunc) -> None:
@@ -533,7 +533,8 @@ class WasmInstance:
         impl = host.impl
         kinds = host.signature.params
         size = _VAL_RAW_SIZE * len(kinds)
-        unpack = struct.Struct("<" + "".join(_SLOT_FORMAT[k] for k in kinds)).unpack
+        unpack = struct.Struct("<" + "".join(_SLOT_FORMAT[k] for k in kinds)).unpack_from
+        raw_args = (ctypes.c_char * max(size, _VAL_RAW_SIZE)).from_address
         result = host.signature.results[0] if host.signature.results else None
         where = f"{host.module}.{host.name}"
 
@@ -543,7 +544,7 @@ class WasmInstance:
                     raise RestrictedHostCall(
                         f"restricted_callback: {where} called during {self._restricted_during}"
                     )
-                value = impl(*unpack(_string_at(args, size))) if size else impl()
+                value = impl(*unpack(raw_args(args))) if size else impl()
                 if result == "i32":
                     _u32_at(args).value = (value or 0) & _MASK32
                 elif result == "i64":
@@ -625,10 +626,16 @@ class WasmInstance:
         return list(self.compiled.exports)
 
     # -- memory ----------------------------------------------------------------------
+    # Guest memory is read and written through a memoryview over [base, base+size): slicing
+    # costs a fraction of a ctypes call. The base never moves (memory_may_move = False); when
+    # an access falls beyond the known size, the size is re-read and the view rebuilt.
     def _refresh_memory(self) -> None:
-        # The base never moves (memory_may_move = False); only the size grows.
         if self._mem_p is not None:
-            self._mem_size = _memory_data_size(self._ctx_p, self._mem_p)
+            size = _memory_data_size(self._ctx_p, self._mem_p)
+            if size != self._mem_size or self._view is None:
+                self._mem_size = size
+                memory = (ctypes.c_ubyte * size).from_address(self._mem_base)
+                self._view = memoryview(memory).cast("B") if size else None
 
     @property
     def has_memory(self) -> bool:
@@ -638,57 +645,56 @@ class WasmInstance:
         self._refresh_memory()
         return self._mem_size
 
-    def check_range(self, ptr: int, size: int) -> bool:
-        if ptr + size > self._mem_size:
+    def _view_for(self, end: int) -> memoryview | None:
+        """The memory view if [.., end) is inside memory (growing the view if memory grew)."""
+        if end > self._mem_size:
             self._refresh_memory()
-        return self._mem_base != 0 and ptr + size <= self._mem_size
+            if end > self._mem_size:
+                return None
+        return self._view
+
+    def check_range(self, ptr: int, size: int) -> bool:
+        return self._view_for(ptr + size) is not None
 
     def read(self, ptr: int, size: int) -> bytes | None:
         """Bytes at [ptr, ptr+size) or None when out of bounds."""
         if size == 0:
             return b""
-        if ptr + size > self._mem_size:
-            self._refresh_memory()
-            if ptr + size > self._mem_size:
-                return None
-        if not self._mem_base:
-            return None
-        data: bytes = _string_at(self._mem_base + ptr, size)
-        return data
+        view = self._view if ptr + size <= self._mem_size else self._view_for(ptr + size)
+        return None if view is None else view[ptr : ptr + size].tobytes()
 
     def write(self, ptr: int, data: bytes) -> bool:
         size = len(data)
         if size == 0:
             return True
-        if ptr + size > self._mem_size:
-            self._refresh_memory()
-            if ptr + size > self._mem_size:
-                return False
-        if not self._mem_base:
+        view = self._view if ptr + size <= self._mem_size else self._view_for(ptr + size)
+        if view is None:
             return False
-        ctypes.memmove(self._mem_base + ptr, data, size)
+        view[ptr : ptr + size] = data
         return True
 
     def write_u32(self, ptr: int, value: int) -> bool:
-        if ptr + 4 > self._mem_size:
-            self._refresh_memory()
-            if ptr + 4 > self._mem_size:
-                return False
-        if not self._mem_base:
+        view = self._view if ptr + 4 <= self._mem_size else self._view_for(ptr + 4)
+        if view is None:
             return False
-        _u32_at(self._mem_base + ptr).value = value & _MASK32
+        _pack_u32(view, ptr, value & _MASK32)
         return True
 
     def write_u64(self, ptr: int, value: int) -> bool:
-        return self.write(ptr, (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
+        view = self._view if ptr + 8 <= self._mem_size else self._view_for(ptr + 8)
+        if view is None:
+            return False
+        _pack_u64(view, ptr, value & 0xFFFFFFFFFFFFFFFF)
+        return True
 
     def read_u32(self, ptr: int) -> int | None:
-        data = self.read(ptr, 4)
-        return None if data is None else int.from_bytes(data, "little")
+        view = self._view if ptr + 4 <= self._mem_size else self._view_for(ptr + 4)
+        return None if view is None else int(_unpack_u32(view, ptr)[0])
 
     def close(self) -> None:
         self.functions.clear()
         self._keepalive.clear()
+        self._view = None  # it points into the store's memory
 
 
 @dataclass
