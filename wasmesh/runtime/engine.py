@@ -91,10 +91,13 @@ _KIND_TO_VALTYPE: dict[str, Callable[[], wasmtime.ValType]] = {
 }
 
 
+COMPILE_CACHE_ENV = "WASMESH_COMPILE_CACHE"
+
+
 def default_cache_dir() -> str:
-    return os.environ.get("WASMESH_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "wasmesh", "compiled"
-    )
+    """Where compiled modules are cached: $WASMESH_COMPILE_CACHE, else ~/.cache/wasmesh/compiled."""
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "wasmesh", "compiled")
+    return os.environ.get(COMPILE_CACHE_ENV) or home_cache
 
 
 # --------------------------------------------------------------------------- errors
