@@ -1,10 +1,19 @@
 """wrk against wasmesh and Envoy side by side: same echo upstream, same plugins.
 
     python benchmarks/bench_proxy.py [--mode both|throughput|latency] [--duration 5] [--connections 32]
-        [--workers 1 2] [--latency-duration 2] [--latency-rounds 7] [--write-docs]
+        [--workers 1 2] [--latency-duration 2] [--latency-rounds 7] [--no-go] [--write-docs]
 
 Scenarios: no plugin, one header plugin, a 3-plugin chain (each plugin adds a request and a
-response header; WAT, ABI 0_2_1, so Envoy's V8 and wasmesh's wasmtime run the same bytes).
+response header; WAT, ABI 0_2_1, so Envoy's V8 and wasmesh's wasmtime run the same bytes), and one
+real Go plugin (gpustack-higress-plugins ``transformer`` adding a request header, with the
+configuration of bench_plugin_hooks.py; skipped with --no-go or when that package is missing).
+The Go module declares Higress's ABI marker 0_2_100: wasmesh loads it as is, Envoy gets a copy
+with the marker renamed to 0_2_1 (wasmesh.testing.wasm_exports), as in tests/differential. In
+throughput mode the Go plugin runs with the first --workers value only, to keep a full run short.
+
+Before measuring, every proxy of every scenario is checked: the response carries one
+x-resp-chain value per WAT plugin, and the request the upstream received (the echo upstream
+answers ECHO_REQUEST_PATH with the raw request) carries the headers the plugins add.
 
 Two measurements (both by default):
 
@@ -12,8 +21,8 @@ Two measurements (both by default):
   wasmesh/Envoy req/s ratio. Latency under load is mostly queueing, so it is not used for the
   per-request cost.
 * latency: the per-request cost a plugin adds, measured as Istio did (istio/istio#27636:
-  1 connection, 1 worker). All six proxies (wasmesh --workers 1 and Envoy --concurrency 1, three
-  scenarios each) run at once, idle, and wrk -t1 -c1 --latency drives sequential keep-alive
+  1 connection, 1 worker). All proxies (wasmesh --workers 1 and Envoy --concurrency 1, one of
+  each per scenario) run at once, idle, and wrk -t1 -c1 --latency drives sequential keep-alive
   requests over one connection to one of them at a time, in rounds that visit every proxy; the
   visiting order is reversed every other round (A B B A) so slow drift of the shared machine
   cancels out. Added latency = scenario mean − no-plugin mean of the same proxy in the same
@@ -41,7 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -56,27 +65,38 @@ SECTION_END = "<!-- proxy-benchmark:end -->"
 
 # --------------------------------------------------------------------------- echo upstream
 
+ECHO_REQUEST_PATH = "/bench-echo-request"  # the echo upstream answers it with the request it received
+
+
+def plain_response(body: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(body)
+    return head + body
+
 
 def run_echo(port: int) -> None:
     """A minimal keep-alive responder (uvloop + httptools): the fastest upstream we can offer both proxies."""
     import httptools
     import uvloop
 
-    body = b"hello from the echo upstream\n"
-    response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b" % (
-        len(body),
-        body,
-    )
+    response = plain_response(b"hello from the echo upstream\n")
+    marker = ECHO_REQUEST_PATH.encode()
 
     class Echo(asyncio.Protocol):
         def __init__(self) -> None:
             self.parser = httptools.HttpRequestParser(self)
             self.transport: asyncio.Transport | None = None
+            self.echoed_request: bytes | None = None  # raw bytes of a request to ECHO_REQUEST_PATH
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = cast(asyncio.Transport, transport)
 
         def data_received(self, data: bytes) -> None:
+            # A substring test on the raw bytes instead of an on_url/on_header callback: the
+            # measured requests pay one C-level search, not a Python call per header.
+            if self.echoed_request is not None:
+                self.echoed_request += data
+            elif marker in data:
+                self.echoed_request = data
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError:
@@ -84,8 +104,13 @@ def run_echo(port: int) -> None:
                     self.transport.close()
 
         def on_message_complete(self) -> None:
-            if self.transport is not None:
+            if self.transport is None:
+                return
+            if self.echoed_request is None:
                 self.transport.write(response)
+            else:
+                self.transport.write(plain_response(self.echoed_request))
+                self.echoed_request = None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -194,23 +219,131 @@ def run_wrk(url: str, duration: int, connections: int, threads: int) -> WrkResul
 # --------------------------------------------------------------------------- proxies
 
 
-def plugin_modules(directory: Path, count: int) -> list[Path]:
+@dataclass(frozen=True)
+class BenchPlugin:
+    """One plugin as both proxies load it: the same module (up to the ABI marker), same configuration."""
+
+    name: str
+    wasmesh_module: Path
+    envoy_module: Path  # the same file, or a copy with Higress's ABI marker renamed for stock Envoy
+    configuration: str = ""  # JSON the plugin reads in proxy_on_configure
+
+    def wasmplugin_yaml(self, priority: int) -> str:
+        from proxy_plugins import wasmplugin_yaml
+
+        # JSON is YAML flow syntax, so the configuration goes in as pluginConfig verbatim.
+        return str(
+            wasmplugin_yaml(
+                self.name, self.wasmesh_module, priority=priority, plugin_config=self.configuration or None
+            )
+        )
+
+    def envoy_filter(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "name": self.name,
+            "vm_config": {
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": str(self.envoy_module)}},
+            },
+        }
+        if self.configuration:
+            config["configuration"] = {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": self.configuration,
+            }
+        return {
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": config,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A plugin chain and what a proxy running it must visibly do (checked before measuring)."""
+
+    label: str
+    plugins: tuple[BenchPlugin, ...]
+    response_chain_values: int  # x-resp-chain values the response must carry
+    upstream_headers: tuple[tuple[str, str], ...]  # headers the upstream's request must carry, in order
+    all_worker_counts: bool = True  # False: throughput mode runs it with the first --workers value only
+
+
+def wat_plugins(directory: Path, count: int) -> list[BenchPlugin]:
     from proxy_plugins import header_plugin_wat, write_module
 
-    return [write_module(directory, f"tag{i}", header_plugin_wat(f"T{i}")) for i in range(count)]
+    plugins = []
+    for i in range(count):
+        module = write_module(directory, f"tag{i}", header_plugin_wat(f"T{i}"))
+        plugins.append(BenchPlugin(f"tag{i}", module, module))
+    return plugins
+
+
+GO_SCENARIO_LABEL = "Go transformer plugin"
+
+
+def request_headers_added(transformer_config: Any) -> list[tuple[str, str]]:
+    """(key, value) of each header a transformer configuration's ``add`` request rules add."""
+    return [
+        (str(header["key"]), str(header["value"]))
+        for rule in transformer_config.get("reqRules", [])
+        if rule.get("operate") == "add"
+        for header in rule.get("headers", [])
+    ]
+
+
+def go_scenario(directory: Path) -> Scenario | None:
+    """The real Go transformer plugin, or None when gpustack-higress-plugins is not installed."""
+    from bench_plugin_hooks import GO_PLUGIN, GO_PLUGIN_CONFIG, go_plugin_module
+
+    from wasmesh.testing.wasm_exports import envoy_compatible_abi
+
+    module = go_plugin_module()
+    if module is None:
+        return None
+    original = directory / f"{GO_PLUGIN}.wasm"
+    original.write_bytes(module)
+    renamed = directory / f"{GO_PLUGIN}-abi-0_2_1.wasm"
+    renamed.write_bytes(envoy_compatible_abi(module))
+    added = request_headers_added(GO_PLUGIN_CONFIG)
+    if not added:
+        raise RuntimeError("bench_plugin_hooks.GO_PLUGIN_CONFIG adds no request header to check for")
+    return Scenario(
+        label=GO_SCENARIO_LABEL,
+        plugins=(BenchPlugin(GO_PLUGIN, original, renamed, json.dumps(GO_PLUGIN_CONFIG)),),
+        response_chain_values=0,
+        upstream_headers=tuple(added),
+        all_worker_counts=False,
+    )
+
+
+def build_scenarios(directory: Path, with_go: bool) -> list[Scenario]:
+    """The baseline (no plugin) first: added latency is measured against it."""
+    wat = wat_plugins(directory, 3)
+    scenarios = [
+        Scenario(label, tuple(wat[:count]), count, tuple(("x-chain", f"T{i}") for i in range(count)))
+        for label, count in (("no plugin", 0), ("1 header plugin", 1), ("3-plugin chain", 3))
+    ]
+    if with_go:
+        go = go_scenario(directory)
+        if go is None:
+            print("gpustack-higress-plugins is not installed: no Go plugin scenario", file=sys.stderr)
+        else:
+            scenarios.append(go)
+    return scenarios
 
 
 def start_wasmesh(
-    directory: Path, upstream: int, modules: list[Path], workers: int
+    directory: Path, upstream: int, plugins: Sequence[BenchPlugin], workers: int
 ) -> tuple[subprocess.Popen[bytes], int]:
-    from proxy_plugins import wasmplugin_yaml
-
     port, admin = free_port(), free_port()
     args = [sys.executable, "-m", "wasmesh", "run", "--listen", f"127.0.0.1:{port}",
             "--upstream", f"http://127.0.0.1:{upstream}", "--workers", str(workers),
             "--admin", f"127.0.0.1:{admin}", "--log-level", "error"]  # fmt: skip
-    if modules:
-        docs = [wasmplugin_yaml(f"tag{i}", m, priority=100 - i) for i, m in enumerate(modules)]
+    if plugins:
+        docs = [plugin.wasmplugin_yaml(priority=100 - i) for i, plugin in enumerate(plugins)]
         # One file per proxy: `wasmesh run -f` watches its file, so a shared one would hand
         # every running proxy the chain of whichever was started last.
         chain = directory / f"chain-{port}.yaml"
@@ -222,30 +355,16 @@ def start_wasmesh(
 
 
 def start_envoy(
-    directory: Path, upstream: int, modules: list[Path], workers: int
+    directory: Path, upstream: int, plugins: Sequence[BenchPlugin], workers: int
 ) -> tuple[subprocess.Popen[bytes], int]:
     from wasmesh.testing.envoy import envoy_bootstrap
 
-    filters: list[dict[str, Any]] = []
-    for i, m in enumerate(modules):
-        filters.append(
-            {
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": {
-                        "name": f"tag{i}",
-                        "vm_config": {
-                            "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": str(m)}},
-                        },
-                    },
-                },
-            }
-        )
     port, admin = free_port(), free_port()
     bootstrap = envoy_bootstrap(
-        listener_port=port, admin_port=admin, upstream_port=upstream, wasm_filters=filters
+        listener_port=port,
+        admin_port=admin,
+        upstream_port=upstream,
+        wasm_filters=[plugin.envoy_filter() for plugin in plugins],
     )
     cfg = directory / f"envoy-{port}.json"
     cfg.write_text(json.dumps(bootstrap))
@@ -261,27 +380,60 @@ def start_envoy(
     return proc, port
 
 
+def check_proxy(proxy: str, base_url: str, scenario: Scenario) -> None:
+    """The proxy runs the scenario's chain: response headers and the request the upstream received."""
+    with urllib.request.urlopen(base_url, timeout=5) as response:
+        values = response.headers.get_all("x-resp-chain") or []
+    if len(values) != scenario.response_chain_values:
+        raise RuntimeError(
+            f"{proxy} ({scenario.label}): response has {len(values)} x-resp-chain headers, "
+            f"expected {scenario.response_chain_values}"
+        )
+    with urllib.request.urlopen(base_url.rstrip("/") + ECHO_REQUEST_PATH, timeout=5) as response:
+        upstream_request = response.read().decode("latin-1")
+    received = upstream_header_pairs(upstream_request)
+    watched = {name for name, _ in scenario.upstream_headers}
+    seen = tuple(pair for pair in received if pair[0] in watched)
+    if seen != scenario.upstream_headers:
+        raise RuntimeError(
+            f"{proxy} ({scenario.label}): the upstream received {list(seen)}, "
+            f"expected {list(scenario.upstream_headers)}"
+        )
+
+
+def upstream_header_pairs(raw_request: str) -> list[tuple[str, str]]:
+    """(lower-case name, value) of each header line of a raw HTTP/1.1 request, in order."""
+    head = raw_request.split("\r\n\r\n", 1)[0]
+    pairs = []
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        pairs.append((name.strip().lower(), value.strip()))
+    return pairs
+
+
 # --------------------------------------------------------------------------- throughput
 
-Starter = Callable[[Path, int, list[Path], int], tuple[subprocess.Popen[bytes], int]]
-SCENARIOS = (("no plugin", 0), ("1 header plugin", 1), ("3-plugin chain", 3))
+Starter = Callable[[Path, int, Sequence[BenchPlugin], int], tuple[subprocess.Popen[bytes], int]]
 PROXIES: tuple[tuple[str, Starter], ...] = (("wasmesh", start_wasmesh), ("envoy", start_envoy))
 TARGET_ADDED_RATIO = 2.0  # issue #2: wasmesh's added latency ≤ 2× Envoy's
 
 
 def measure_throughput(
-    work: Path, echo_port: int, modules: list[Path], args: argparse.Namespace
+    work: Path, echo_port: int, scenarios: list[Scenario], args: argparse.Namespace
 ) -> list[str]:
     """wrk -c<connections> against each proxy in turn; the markdown table, printed as it grows."""
     header = "| workers | scenario | wasmesh req/s | p50 / p99 ms | Envoy req/s | p50 / p99 ms | ratio |"
     rows = [header, "|---|---|---|---|---|---|---|"]
     print(header, flush=True)
     for workers in args.workers:
-        for label, count in SCENARIOS:
+        for scenario in scenarios:
+            if not scenario.all_worker_counts and workers != args.workers[0]:
+                continue
             results: dict[str, WrkResult] = {}
             for name, starter in PROXIES:
-                proc, port = starter(work, echo_port, modules[:count], workers)
+                proc, port = starter(work, echo_port, scenario.plugins, workers)
                 try:
+                    check_proxy(name, f"http://127.0.0.1:{port}/", scenario)
                     run_wrk(f"http://127.0.0.1:{port}/", 1, args.connections, args.threads)  # warm-up
                     results[name] = run_wrk(
                         f"http://127.0.0.1:{port}/", args.duration, args.connections, args.threads
@@ -292,7 +444,7 @@ def measure_throughput(
             errs = f" (errors: wasmesh {w.errors}, envoy {e.errors})" if w.errors or e.errors else ""
             cells = [
                 str(workers),
-                label,
+                scenario.label,
                 f"{w.rps:,.0f}",
                 f"{w.p50_ms:.2f} / {w.p99_ms:.2f}",
                 f"{e.rps:,.0f}",
@@ -313,7 +465,7 @@ class LatencyTarget:
     """One running proxy (1 worker) with one scenario's plugins, and its wrk -c1 runs by round."""
 
     proxy: str
-    scenario: str
+    scenario: Scenario
     url: str
     pid: int
     runs: list[WrkResult] = field(default_factory=list)
@@ -343,17 +495,6 @@ def process_cpu_ns(pid: int) -> int | None:
         for child in children:
             total += process_cpu_ns(int(child)) or 0
     return total
-
-
-def check_chain(target: LatencyTarget, plugins: int) -> None:
-    """Each header plugin adds one x-resp-chain value: the proxy runs the chain it should."""
-    with urllib.request.urlopen(target.url, timeout=5) as response:
-        values = response.headers.get_all("x-resp-chain") or []
-    if len(values) != plugins:
-        raise RuntimeError(
-            f"{target.proxy} ({target.scenario}): response has {len(values)} x-resp-chain headers, "
-            f"expected {plugins}"
-        )
 
 
 def measured_run(target: LatencyTarget, duration: int) -> None:
@@ -397,27 +538,26 @@ def visiting_order(targets: list[LatencyTarget], round_index: int) -> list[Laten
 
 
 def measure_latency(
-    work: Path, echo_port: int, modules: list[Path], duration: int, rounds: int
+    work: Path, echo_port: int, scenarios: list[Scenario], duration: int, rounds: int
 ) -> list[LatencyTarget]:
-    """All six 1-worker proxies up at once; wrk -t1 -c1 on one at a time, interleaved over rounds."""
+    """All 1-worker proxies up at once; wrk -t1 -c1 on one at a time, interleaved over rounds."""
     running: list[subprocess.Popen[bytes]] = []
     targets: list[LatencyTarget] = []
     try:
         # Interleave the proxies within a scenario (wasmesh, Envoy, wasmesh, …) so each
         # added-latency pair and each wasmesh/Envoy pair is measured close together in time.
-        for label, count in SCENARIOS:
+        for scenario in scenarios:
             for name, starter in PROXIES:
-                proc, port = starter(work, echo_port, modules[:count], 1)
+                proc, port = starter(work, echo_port, scenario.plugins, 1)
                 running.append(proc)
-                targets.append(LatencyTarget(name, label, f"http://127.0.0.1:{port}/", proc.pid))
+                targets.append(LatencyTarget(name, scenario, f"http://127.0.0.1:{port}/", proc.pid))
         for target in targets:
+            check_proxy(target.proxy, target.url, target.scenario)
             run_wrk(target.url, 1, 1, 1)  # warm-up: connection pools, VMs, caches
-        for target, (_, count) in zip(targets, [s for s in SCENARIOS for _ in PROXIES], strict=True):
-            check_chain(target, count)
         for round_index in range(rounds):
             for target in visiting_order(targets, round_index):
                 measured_run(target, duration)
-            p50s = ", ".join(f"{t.proxy}/{t.scenario} {t.runs[-1].p50_us:.0f}" for t in targets)
+            p50s = ", ".join(f"{t.proxy}/{t.scenario.label} {t.runs[-1].p50_us:.0f}" for t in targets)
             print(f"latency round {round_index + 1}/{rounds} (p50 µs): {p50s}", file=sys.stderr, flush=True)
     finally:
         for proc in running:
@@ -457,8 +597,9 @@ def _cpu_cells(w: LatencyTarget, e: LatencyTarget, wb: LatencyTarget, eb: Latenc
 
 def latency_rows(targets: list[LatencyTarget]) -> list[str]:
     """The markdown table of the latency mode: per scenario, both proxies, added latency and ratio."""
-    by_key = {(t.proxy, t.scenario): t for t in targets}
-    baseline = SCENARIOS[0][0]
+    by_key = {(t.proxy, t.scenario.label): t for t in targets}
+    labels = list(dict.fromkeys(t.scenario.label for t in targets))  # in measuring order
+    baseline = labels[0]
     wb, eb = by_key[("wasmesh", baseline)], by_key[("envoy", baseline)]
     header = (
         "| scenario | wasmesh p50 / mean / p99 µs | Envoy p50 / mean / p99 µs | wasmesh added p50 µs "
@@ -466,7 +607,7 @@ def latency_rows(targets: list[LatencyTarget]) -> list[str]:
         "proxy CPU µs/request wasmesh / Envoy |"
     )
     rows = [header, "|---|---|---|---|---|---|---|"]
-    for label, _ in SCENARIOS:
+    for label in labels:
         w, e = by_key[("wasmesh", label)], by_key[("envoy", label)]
         errors = sum(r.errors for r in w.runs + e.runs)
         cells = [label]
@@ -504,6 +645,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--latency-duration", type=int, default=2, help="seconds per 1-connection run")
     parser.add_argument("--latency-rounds", type=int, default=7, help="interleaved rounds (median taken)")
+    parser.add_argument("--no-go", action="store_true", help="leave out the Go transformer plugin scenario")
     parser.add_argument(
         "--write-docs", action="store_true", help="write both tables into docs/performance.md"
     )
@@ -525,25 +667,50 @@ def main() -> int:
     latency: list[str] = []
     try:
         wait_http(f"http://127.0.0.1:{echo_port}/", timeout=30)
-        modules_all = plugin_modules(work, 3)
+        scenarios = build_scenarios(work, with_go=not args.no_go)
         if args.mode in ("both", "throughput"):
-            throughput = measure_throughput(work, echo_port, modules_all, args)
+            throughput = measure_throughput(work, echo_port, scenarios, args)
         if args.mode in ("both", "latency"):
-            targets = measure_latency(
-                work, echo_port, modules_all, args.latency_duration, args.latency_rounds
-            )
+            targets = measure_latency(work, echo_port, scenarios, args.latency_duration, args.latency_rounds)
             latency = latency_rows(targets)
             print("\n".join(latency), flush=True)
     finally:
         stop(echo)
         shutil.rmtree(work, ignore_errors=True)
     if args.write_docs:
-        write_docs(throughput, latency, args)
+        write_docs(throughput, latency, args, scenarios)
     return 0
 
 
-def write_docs(throughput: list[str], latency: list[str], args: argparse.Namespace) -> None:
-    doc = REPO / "docs" / "performance.md"
+def plugins_description(scenarios: Sequence[Scenario], args: argparse.Namespace) -> str:
+    """What the scenarios run, for the text above the tables."""
+    text = (
+        "Plugins: WAT header plugins (ABI 0_2_1) adding one request and one response header each; Envoy "
+        "runs them on V8, wasmesh on wasmtime."
+    )
+    go = [s for s in scenarios if s.label == GO_SCENARIO_LABEL]
+    if go:
+        added = ", ".join(f"`{name}: {value}`" for name, value in go[0].upstream_headers)
+        text += (
+            f" {GO_SCENARIO_LABEL}: the real Go plugin `transformer` of PyPI gpustack-higress-plugins "
+            f"(Higress Go SDK) adding the request header {added}; wasmesh loads the module as published "
+            "(ABI marker 0_2_100), Envoy a copy with the marker renamed to 0_2_1."
+        )
+        if not go[0].all_worker_counts and len(args.workers) > 1:
+            text += f" Throughput mode runs it with {args.workers[0]} worker(s) only, to keep the run short."
+    return text + (
+        " Before measuring, each proxy is checked to run its chain: the x-resp-chain values of the "
+        "response and the headers of the request the upstream received."
+    )
+
+
+def write_docs(
+    throughput: list[str],
+    latency: list[str],
+    args: argparse.Namespace,
+    scenarios: Sequence[Scenario],
+    doc: Path = REPO / "docs" / "performance.md",
+) -> None:
     cpu = os.cpu_count()
     body = "\n".join(
         [
@@ -552,8 +719,7 @@ def write_docs(throughput: list[str], latency: list[str], args: argparse.Namespa
             "",
             f"wrk {args.threads} thread(s), {args.connections} connections, {args.duration} s per run after "
             f"a 1 s warm-up; one uvloop+httptools echo upstream; {cpu} CPUs shared by wrk, the upstream and "
-            "the proxy (and other work on the machine). Plugins: WAT header plugins (ABI 0_2_1) adding one "
-            "request and one response header each; Envoy runs them on V8, wasmesh on wasmtime. "
+            f"the proxy (and other work on the machine). {plugins_description(scenarios, args)} "
             "Ratio = wasmesh / Envoy req/s.",
             "",
             *throughput,
@@ -563,7 +729,8 @@ def write_docs(throughput: list[str], latency: list[str], args: argparse.Namespa
             "As Istio measured the cost of a Wasm filter (istio/istio#27636: +81 µs/request at 1 connection, "
             "1 worker): wasmesh `--workers 1` and Envoy `--concurrency 1`, sequential keep-alive requests "
             f"over one connection (wrk -t1 -c1 --latency), {args.latency_duration} s per run, "
-            f"{args.latency_rounds} rounds visiting all six proxies, every other round in reverse order "
+            f"{args.latency_rounds} rounds visiting all {len(scenarios) * len(PROXIES)} proxies (one per "
+            "scenario and proxy kind), every other round in reverse order "
             "(A B B A) so drift of the shared machine cancels. Added = scenario − no plugin of the same "
             "proxy in the same round; cells are medians over rounds (min…max over rounds in brackets). "
             "The headline is the p50 shift: a plugin's fixed cost moves the whole distribution, while the "

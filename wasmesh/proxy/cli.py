@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from wasmesh.proxy.config import ConfigContext, ConfigError, ProxyConfig, parse_config, parse_host_port
+from wasmesh.proxy.config import (
+    ConfigContext,
+    ConfigError,
+    ProxyConfig,
+    WasmLimits,
+    parse_config,
+    parse_deadline_ms,
+    parse_duration,
+    parse_host_port,
+    parse_memory_mib,
+)
 from wasmesh.proxy.workers import FileConfigSource, run_proxy
 
 
@@ -25,6 +36,7 @@ class RunConfigSource:
     fail_strategy: str = "FAIL_CLOSE"
     clusters: tuple[str, ...] = ()
     timeout: str = "15s"
+    wasm: WasmLimits = field(default_factory=WasmLimits)  # from the --wasm-* flags
 
     def raw(self) -> dict[str, Any]:
         ctx = ConfigContext("wasmesh run")
@@ -95,7 +107,7 @@ class RunConfigSource:
         }
 
     def load(self) -> ProxyConfig:
-        return parse_config(self.raw(), source="wasmesh run")
+        return replace(parse_config(self.raw(), source="wasmesh run"), wasm=self.wasm)
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -112,15 +124,82 @@ def _positive(value: str) -> int:
     return n
 
 
+# ---- the Wasm runtime's safety limits as flags (a --config file has its wasm: section instead).
+
+_WASM_FLAGS = {
+    "wasm_callback_deadline": "--wasm-callback-deadline",
+    "wasm_startup_deadline": "--wasm-startup-deadline",
+    "wasm_memory_limit_mib": "--wasm-memory-limit-mib",
+    "wasm_reload_backoff": "--wasm-reload-backoff",
+}
+
+
+def _wasm_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("Wasm safety limits (for every plugin VM)")
+    group.add_argument(
+        "--wasm-callback-deadline",
+        metavar="DURATION",
+        help="CPU time one plugin callback may use before the VM fails (default 1s; e.g. 250ms)",
+    )
+    group.add_argument(
+        "--wasm-startup-deadline",
+        metavar="DURATION",
+        help="CPU time for VM start-up, on_vm_start and on_configure (default 5s)",
+    )
+    group.add_argument(
+        "--wasm-memory-limit-mib",
+        type=int,
+        metavar="MIB",
+        help="linear memory limit of each VM in MiB, 1-4096 (default 1024)",
+    )
+    group.add_argument(
+        "--wasm-reload-backoff",
+        metavar="DURATION",
+        help="FAIL_RELOAD: wait before the first new VM, doubling per failure up to 10x (default 1s)",
+    )
+
+
+def wasm_limits_from_flags(args: argparse.Namespace, command: str) -> WasmLimits:
+    """The limits the --wasm-* flags ask for (defaults for those not given); ConfigError naming the flag."""
+    ctx = ConfigContext(command)
+    defaults = WasmLimits()
+    callback, startup = args.wasm_callback_deadline, args.wasm_startup_deadline
+    memory, backoff = args.wasm_memory_limit_mib, args.wasm_reload_backoff
+    return WasmLimits(
+        callback_deadline_ms=defaults.callback_deadline_ms
+        if callback is None
+        else parse_deadline_ms(callback, ctx, _WASM_FLAGS["wasm_callback_deadline"]),
+        startup_deadline_ms=defaults.startup_deadline_ms
+        if startup is None
+        else parse_deadline_ms(startup, ctx, _WASM_FLAGS["wasm_startup_deadline"]),
+        memory_limit_bytes=defaults.memory_limit_bytes
+        if memory is None
+        else parse_memory_mib(memory, ctx, _WASM_FLAGS["wasm_memory_limit_mib"]),
+        reload_backoff_s=defaults.reload_backoff_s
+        if backoff is None
+        else parse_duration(backoff, ctx, _WASM_FLAGS["wasm_reload_backoff"]),
+    )
+
+
 def _proxy(args: argparse.Namespace) -> int:
     if args.xds is not None or args.config is None:
         return _proxy_xds(args)
+    given = [flag for attr, flag in _WASM_FLAGS.items() if getattr(args, attr) is not None]
+    if given:
+        reason = "only with --xds (a --config file sets limits in its wasm: section)"
+        print(f"error: wasmesh proxy: {given[0]}: {reason}", file=sys.stderr)
+        return 2
     return run_proxy(
         FileConfigSource(args.config), workers=args.workers, admin=args.admin, log_level=args.log_level
     )
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        wasm = wasm_limits_from_flags(args, "wasmesh run")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     source = RunConfigSource(
         listen=args.listen,
         upstream=args.upstream,
@@ -131,6 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         fail_strategy=args.fail_strategy,
         clusters=tuple(args.cluster or ()),
         timeout=args.timeout,
+        wasm=wasm,
     )
     return run_proxy(source, workers=args.workers, admin=args.admin, log_level=args.log_level)
 
@@ -156,6 +236,7 @@ def register(subparsers: Any) -> None:
     )
     proxy.add_argument("--config", "-c", metavar="FILE", help="proxy YAML config (or give --xds)")
     _xds_flags(proxy)
+    _wasm_flags(proxy)
     _common(proxy)
     proxy.set_defaults(handler=_proxy)
 
@@ -180,6 +261,7 @@ def register(subparsers: Any) -> None:
         "--cluster", action="append", metavar="NAME=HOST:PORT", help="extra cluster for http_call"
     )
     run.add_argument("--timeout", default="15s", help="route timeout (default 15s, as Envoy)")
+    _wasm_flags(run)
     _common(run)
     run.set_defaults(handler=_run)
 
@@ -200,8 +282,6 @@ def _xds_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _proxy_xds(args: argparse.Namespace) -> int:
-    import sys
-
     from wasmesh.proxy.xds import XdsOptions, parse_labels, run_xds_proxy
 
     if args.xds is None:
@@ -216,6 +296,7 @@ def _proxy_xds(args: argparse.Namespace) -> int:
     try:
         parse_host_port(args.xds, ConfigContext("wasmesh proxy"), "--xds")
         labels = parse_labels(args.labels)
+        wasm = wasm_limits_from_flags(args, "wasmesh proxy")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -225,5 +306,6 @@ def _proxy_xds(args: argparse.Namespace) -> int:
         labels=labels,
         namespace=args.namespace,
         cache_dir=args.cache_dir,
+        wasm_limits=wasm,
     )
     return run_xds_proxy(options, workers=args.workers, admin=args.admin, log_level=args.log_level)

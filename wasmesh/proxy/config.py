@@ -18,6 +18,13 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_ROUTE_TIMEOUT_S = 15.0  # Envoy's default route timeout
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 DEFAULT_MAX_IDLE_PER_ENDPOINT = 128
+# The Wasm runtime's own defaults (wasmesh.runtime PluginSpec / Runtime), repeated here so parsing a
+# config does not import wasmtime; tests/proxy/test_proxy_wasm_limits.py keeps the two in step.
+DEFAULT_CALLBACK_DEADLINE_MS = 1000
+DEFAULT_STARTUP_DEADLINE_MS = 5000
+DEFAULT_MEMORY_LIMIT_MIB = 1024  # cpp-host's (Envoy's) 1 GiB cap per VM
+DEFAULT_RELOAD_BACKOFF_S = 1.0  # Envoy's ReloadConfig.backoff base interval
+MIB = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -113,6 +120,16 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class WasmLimits:
+    """Safety limits every plugin VM of a proxy gets (the ``wasm:`` section; xDS/run: --wasm-* flags)."""
+
+    callback_deadline_ms: int = DEFAULT_CALLBACK_DEADLINE_MS  # CPU time of one plugin callback
+    startup_deadline_ms: int = DEFAULT_STARTUP_DEADLINE_MS  # VM start-up, on_vm_start and on_configure
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_MIB * MIB  # one VM's linear memory
+    reload_backoff_s: float = DEFAULT_RELOAD_BACKOFF_S  # FAIL_RELOAD: first wait before a new VM
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
     clusters: tuple[ClusterConfig, ...]
@@ -120,6 +137,7 @@ class ProxyConfig:
     admin: AdminConfig | None = None
     node: dict[str, Any] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    wasm: WasmLimits = field(default_factory=WasmLimits)
     reload_poll_s: float = 1.0
     drain_timeout_s: float = 10.0
     source: str = "<inline>"
@@ -163,6 +181,47 @@ def parse_duration(value: object, ctx: ConfigContext, path: str) -> float:
             scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
             return float(m.group(1)) * scale
     raise ctx.error(path, f"expected a duration like 5s or 250ms, got {value!r}")
+
+
+def parse_deadline_ms(value: object, ctx: ConfigContext, path: str) -> int:
+    """Whole milliseconds (at least 1) from a duration: a deadline of 0 would fail every call."""
+    seconds = parse_duration(value, ctx, path)
+    millis = round(seconds * 1000)
+    if millis < 1:
+        raise ctx.error(path, f"must be at least 1ms, got {value!r}")
+    if millis > 3_600_000:
+        raise ctx.error(path, f"must be at most 1h, got {value!r}")
+    return millis
+
+
+def parse_memory_mib(value: object, ctx: ConfigContext, path: str) -> int:
+    """Bytes from a whole number of MiB, 1 to 4096 (a wasm32 memory cannot grow past 4 GiB)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ctx.error(path, f"expected an integer number of MiB 1-4096, got {value!r}")
+    return value * MIB
+
+
+def parse_wasm_limits(raw: object, ctx: ConfigContext, path: str = "wasm") -> WasmLimits:
+    """The ``wasm:`` section; every field optional (absent or null = the runtime's default)."""
+    d = _mapping(raw, ctx, path)
+    _check_keys(d, {"callback_deadline", "startup_deadline", "memory_limit_mib", "reload_backoff"}, ctx, path)
+    defaults = WasmLimits()
+    callback, startup = d.get("callback_deadline"), d.get("startup_deadline")
+    memory, backoff = d.get("memory_limit_mib"), d.get("reload_backoff")
+    return WasmLimits(
+        callback_deadline_ms=defaults.callback_deadline_ms
+        if callback is None
+        else parse_deadline_ms(callback, ctx, f"{path}.callback_deadline"),
+        startup_deadline_ms=defaults.startup_deadline_ms
+        if startup is None
+        else parse_deadline_ms(startup, ctx, f"{path}.startup_deadline"),
+        memory_limit_bytes=defaults.memory_limit_bytes
+        if memory is None
+        else parse_memory_mib(memory, ctx, f"{path}.memory_limit_mib"),
+        reload_backoff_s=defaults.reload_backoff_s
+        if backoff is None
+        else parse_duration(backoff, ctx, f"{path}.reload_backoff"),
+    )
 
 
 def _mapping(value: object, ctx: ConfigContext, path: str) -> dict[str, Any]:
@@ -470,7 +529,10 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
     ctx = ConfigContext(source)
     d = _mapping(raw, ctx, "")
     _check_keys(
-        d, {"listeners", "clusters", "plugins", "admin", "node", "cache", "reload", "drain_timeout"}, ctx, ""
+        d,
+        {"listeners", "clusters", "plugins", "admin", "node", "cache", "wasm", "reload", "drain_timeout"},
+        ctx,
+        "",
     )
     listeners = tuple(
         _parse_listener(x, ctx, f"listeners[{i}]", i)
@@ -522,6 +584,7 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
         reload_raw = _mapping(d["reload"], ctx, "reload")
         _check_keys(reload_raw, {"poll_interval"}, ctx, "reload")
         reload_poll = parse_duration(reload_raw.get("poll_interval", 1.0), ctx, "reload.poll_interval")
+    wasm = parse_wasm_limits(d["wasm"], ctx) if d.get("wasm") is not None else WasmLimits()
     plugins, watched = _parse_plugins(d.get("plugins", []), ctx, base_dir or Path.cwd())
     node = _mapping(d.get("node", {}), ctx, "node")
     return ProxyConfig(
@@ -531,6 +594,7 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
         admin=admin,
         node=dict(node),
         cache=cache,
+        wasm=wasm,
         reload_poll_s=reload_poll,
         drain_timeout_s=parse_duration(d.get("drain_timeout", 10.0), ctx, "drain_timeout"),
         source=source,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.chain import PluginChain
-from wasmesh.proxy.config import CacheConfig, ListenerConfig, PluginResource
+from wasmesh.proxy.config import CacheConfig, ListenerConfig, PluginResource, WasmLimits
 from wasmesh.proxy.http1 import encode_request_head
 from wasmesh.proxy.upstream import ClusterManager, UpstreamConnection
 
@@ -113,6 +113,8 @@ def vm_env(inline: Iterable[tuple[str, str]], host_env_keys: Iterable[str]) -> d
 class RuntimeChainBuilder:
     """What every chain builder shares: one worker's Runtime (its own VMs) and verified module cache,
     http_call over the proxy's clusters, and a chain's plugins loaded and unloaded as one unit.
+    `limits` (the proxy's ``wasm:`` section / --wasm-* flags) bound every VM it starts: the Runtime's
+    start-up deadline and FAIL_RELOAD backoff here, each PluginSpec's deadline and memory in subclasses.
 
     Subclasses turn their own input (WasmPlugin documents, xDS filter specs) into PluginSpecs
     and hand the loaded factories to `assemble_chain`.
@@ -125,8 +127,10 @@ class RuntimeChainBuilder:
         cache: CacheConfig | None,
         clusters: Callable[[], ClusterManager | None],
         compile_cache_dir: str | None = None,
+        limits: WasmLimits | None = None,
     ) -> None:
         self._node = node
+        self.limits = limits or WasmLimits()
         self._cache_config = cache or CacheConfig()
         self._compile_cache_dir = compile_cache_dir
         self.http_caller = ClusterHttpCaller(clusters)
@@ -143,6 +147,8 @@ class RuntimeChainBuilder:
                 log_handler=plugin_log_handler,
                 compile_cache_dir=self._compile_cache_dir,
                 node=self._node,
+                startup_deadline_ms=self.limits.startup_deadline_ms,
+                reload_backoff_s=self.limits.reload_backoff_s,
             )
         return self._runtime
 
@@ -243,6 +249,8 @@ class WasmChainBuilder(RuntimeChainBuilder):
             configuration=plugin_configuration_json(plugin),
             env=vm_env(plugin.inline_env.items(), plugin.host_env_keys),
             failure_policy=FailurePolicy[plugin.fail_strategy.name],
+            callback_deadline_ms=self.limits.callback_deadline_ms,
+            memory_limit_bytes=self.limits.memory_limit_bytes,
         )
 
     async def build(

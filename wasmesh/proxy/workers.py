@@ -19,12 +19,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from wasmesh.proxy.admin import AdminHandlers, apply_level, label_worker, merge_prometheus, start_admin
-from wasmesh.proxy.config import ConfigError, ProxyConfig, load_config
+from wasmesh.proxy.config import ConfigError, ProxyConfig, WasmLimits, load_config
 from wasmesh.proxy.plugins import WasmChainBuilder
 from wasmesh.proxy.reload import ConfigSource, ReloadWatcher
 from wasmesh.proxy.server import ProxyServer
@@ -65,10 +65,35 @@ def make_server(config: ProxyConfig, worker_id: int, reuse_port: bool) -> ProxyS
         cache=config.cache,
         clusters=lambda: holder[0].clusters if holder else None,
         compile_cache_dir=os.environ.get("WASMESH_COMPILE_CACHE") or None,
+        limits=config.wasm,
     )
     server = ProxyServer(config, chain_builder=builder, reuse_port=reuse_port, worker_id=worker_id)
     holder.append(server)
     return server
+
+
+@dataclass(frozen=True)
+class StartupWasmLimitsSource:
+    """Reloads through `source`, keeping the ``wasm:`` limits the worker started with.
+
+    The limits belong to the worker's Runtime (its start-up deadline and reload backoff are fixed
+    when it is created), so a changed ``wasm:`` section takes effect on restart; until then each
+    reload logs a warning, and the served config (and /config_dump) keeps the limits in force.
+    """
+
+    source: ConfigSource
+    limits: WasmLimits
+
+    def load(self) -> ProxyConfig:
+        config = self.source.load()
+        if config.wasm == self.limits:
+            return config
+        log.warning(
+            "%s: wasm: changed limits take effect when the proxy restarts (in force: %s)",
+            config.source,
+            self.limits,
+        )
+        return replace(config, wasm=self.limits)
 
 
 def _local_handlers(server: ProxyServer) -> AdminHandlers:
@@ -160,7 +185,8 @@ async def serve(
         f"{n}={h}:{p}" for n, (h, p) in ((n, server.listener_address(n)) for n in server.listeners)
     )
     log.info("worker %d serving %s", worker_id, addresses)
-    watch_task = asyncio.get_running_loop().create_task(ReloadWatcher(source, server).run())
+    reload_source = StartupWasmLimitsSource(source, config.wasm)
+    watch_task = asyncio.get_running_loop().create_task(ReloadWatcher(reload_source, server).run())
     await run_worker_until_stopped(
         _local_handlers(server),
         worker_id=worker_id,

@@ -65,6 +65,7 @@ from wasmesh.proxy.config import (
     RouteConfig,
     RouteMatch,
     VirtualHostConfig,
+    WasmLimits,
 )
 from wasmesh.proxy.connection import Listener
 from wasmesh.proxy.plugins import RuntimeChainBuilder, one_line, vm_env
@@ -540,6 +541,8 @@ class XdsChainBuilder(RuntimeChainBuilder):
             configuration=spec.configuration,
             env=vm_env(spec.env, spec.host_env_keys),
             failure_policy=FailurePolicy[spec.failure_policy],
+            callback_deadline_ms=self.limits.callback_deadline_ms,
+            memory_limit_bytes=self.limits.memory_limit_bytes,
         )
 
     async def build_filters(self, filters: Sequence[FilterSpec], generation: int) -> PluginChain:
@@ -621,6 +624,7 @@ class XdsProxy:
         worker_id: int = 0,
         drain_timeout_s: float = 10.0,
         reconnect_max: float = 2.0,
+        wasm_limits: WasmLimits | None = None,
     ) -> None:
         self.target = target
         node = build_node(node_id, labels or {}, namespace, metadata)
@@ -631,11 +635,13 @@ class XdsProxy:
             cache=cache,
             clusters=lambda: holder[0].clusters if holder else None,
             compile_cache_dir=os.environ.get("WASMESH_COMPILE_CACHE") or None,
+            limits=wasm_limits,
         )
         bootstrap = ProxyConfig(
             listeners=(),
             clusters=(),
             node=self.node,
+            wasm=self.builder.limits,
             source=f"xds://{target}",
             drain_timeout_s=drain_timeout_s,
         )
@@ -788,6 +794,7 @@ class XdsProxy:
             listeners=tuple(target[name].config for name in sorted(target)),
             clusters=plan.clusters,
             node=self.node,
+            wasm=self.builder.limits,
             source=f"xds://{self.target}",
             drain_timeout_s=server.config.drain_timeout_s,
         )
@@ -854,6 +861,7 @@ class XdsOptions:
     labels: tuple[tuple[str, str], ...] = ()
     namespace: str = "default"
     cache_dir: str | None = None
+    wasm_limits: WasmLimits = field(default_factory=WasmLimits)
 
     def proxy(self, *, reuse_port: bool = False, worker_id: int = 0) -> XdsProxy:
         cache = CacheConfig(dir=self.cache_dir)
@@ -865,6 +873,7 @@ class XdsOptions:
             cache=cache,
             reuse_port=reuse_port,
             worker_id=worker_id,
+            wasm_limits=self.wasm_limits,
         )
 
 
