@@ -45,6 +45,7 @@ class Context:
         self.vm = vm
         self.id = context_id
         self.created = False
+        self._source: PropertySource | None = None
 
     @property
     def root(self) -> RootContext:
@@ -96,14 +97,17 @@ class Context:
         return WasmResult.OK
 
     def property_source(self) -> PropertySource:
-        root = self.root
-        return PropertySource(
-            plugin_name=root.identity.name,
-            root_id=root.identity.root_id,
-            vm_id=root.identity.vm_id,
-            node=self.vm.services.node,
-            root_state=root.filter_state,
-        )
+        """What properties are read from; built once per context (its plugin fields never change)."""
+        if self._source is None:
+            root = self.root
+            self._source = PropertySource(
+                plugin_name=root.identity.name,
+                root_id=root.identity.root_id,
+                vm_id=root.identity.vm_id,
+                node=self.vm.services.node,
+                root_state=root.filter_state,
+            )
+        return self._source
 
 
 class RootContext(Context):
@@ -272,11 +276,13 @@ class StreamContext(Context):
 
     def property_source(self) -> PropertySource:
         source = super().property_source()
-        callbacks = self.hooks.callbacks
+        hooks = self.hooks
+        callbacks = hooks.callbacks
+        # The stream's side changes as the exchange moves on: refresh it on every read.
         source.stream_info = callbacks.stream_info if callbacks is not None else None
-        source.request_headers = self.hooks.request_headers
-        source.response_headers = self.hooks.response_headers
-        source.response_trailers = self.hooks.response_trailers
+        source.request_headers = hooks.request_headers
+        source.response_headers = hooks.response_headers
+        source.response_trailers = hooks.response_trailers
         return source
 
 

@@ -83,6 +83,10 @@ _VAL_RAW_SIZE = ctypes.sizeof(raw.wasmtime_val_raw_t)  # 16: every slot is a v12
 # How one argument sits in its ValRaw slot (little-endian, low bytes first).
 _SLOT_FORMAT: dict[str, str] = {"i32": "I12x", "i64": "q8x", "f32": "f12x", "f64": "d8x"}
 
+_RESULT_PACK: dict[str, struct.Struct] = {
+    kind: struct.Struct("<" + code) for kind, code in (("i32", "I"), ("i64", "q"), ("f32", "f"), ("f64", "d"))
+}
+
 _KIND_TO_VALTYPE: dict[str, Callable[[], wasmtime.ValType]] = {
     "i32": wasmtime.ValType.i32,
     "i64": wasmtime.ValType.i64,
@@ -352,10 +356,6 @@ _ERROR_PTR = ctypes.POINTER(raw.wasmtime_error_t)
 _pack_u32 = struct.Struct("<I").pack_into
 _pack_u64 = struct.Struct("<Q").pack_into
 _unpack_u32 = struct.Struct("<I").unpack_from
-_u32_at = ctypes.c_uint32.from_address
-_i64_at = ctypes.c_int64.from_address
-_f32_at = ctypes.c_float.from_address
-_f64_at = ctypes.c_double.from_address
 
 
 class RestrictedHostCall(GuestFailure):
@@ -535,36 +535,55 @@ class WasmInstance:
     def _trampoline(self, host: HostFunc) -> Callable[[Any, Any, int, int], int]:
         impl = host.impl
         kinds = host.signature.params
-        size = _VAL_RAW_SIZE * len(kinds)
         unpack = struct.Struct("<" + "".join(_SLOT_FORMAT[k] for k in kinds)).unpack_from
-        raw_args = (ctypes.c_char * max(size, _VAL_RAW_SIZE)).from_address
+        # The ValRaw slots as a ctypes array: arguments are unpacked from it and the result is
+        # packed back into slot 0 (there is always at least one slot when there is a result).
+        slots = (ctypes.c_char * (_VAL_RAW_SIZE * max(len(kinds), 1))).from_address
         result = host.signature.results[0] if host.signature.results else None
         where = f"{host.module}.{host.name}"
 
-        def call_host(_env: Any, _caller: Any, args: int, _nargs: int) -> int:
-            try:
-                if self._allowed is not None and where not in self._allowed:
-                    raise RestrictedHostCall(
-                        f"restricted_callback: {where} called during {self._restricted_during}"
-                    )
-                value = impl(*unpack(raw_args(args))) if size else impl()
-                if result == "i32":
-                    _u32_at(args).value = (value or 0) & _MASK32
-                elif result == "i64":
-                    _i64_at(args).value = value or 0
-                elif result == "f32":
-                    _f32_at(args).value = value or 0
-                elif result == "f64":
-                    _f64_at(args).value = value or 0
-                return 0
-            except BaseException as exc:  # a lost exception would hide the real failure: keep it
-                if self._pending is None:
-                    self._pending = exc
-                message = f"host function {where} failed: {exc}".encode()
-                trap = raw.wasmtime_trap_new(message, len(message))
-                return ctypes.cast(trap, ctypes.c_void_p).value or 0
+        def refuse() -> None:
+            raise RestrictedHostCall(f"restricted_callback: {where} called during {self._restricted_during}")
+
+        # One closure per result kind: an i32 result (nearly every import) is masked and
+        # packed without further branching.
+        if result == "i32":
+            pack_u32 = _RESULT_PACK["i32"].pack_into
+
+            def call_host(_env: Any, _caller: Any, args: int, _nargs: int) -> int:
+                try:
+                    if self._allowed is not None and where not in self._allowed:
+                        refuse()
+                    values = slots(args)
+                    pack_u32(values, 0, (impl(*unpack(values)) or 0) & _MASK32)
+                    return 0
+                except BaseException as exc:  # a lost exception would hide the real failure: keep it
+                    return self._host_failure(where, exc)
+
+        else:
+            pack = _RESULT_PACK[result].pack_into if result is not None else None
+
+            def call_host(_env: Any, _caller: Any, args: int, _nargs: int) -> int:
+                try:
+                    if self._allowed is not None and where not in self._allowed:
+                        refuse()
+                    values = slots(args)
+                    value = impl(*unpack(values))
+                    if pack is not None:
+                        pack(values, 0, value or 0)
+                    return 0
+                except BaseException as exc:  # a lost exception would hide the real failure: keep it
+                    return self._host_failure(where, exc)
 
         return call_host
+
+    def _host_failure(self, where: str, exc: BaseException) -> int:
+        """Keep the first exception for the guest call to re-raise; the guest gets a trap."""
+        if self._pending is None:
+            self._pending = exc
+        message = f"host function {where} failed: {exc}".encode()
+        trap = raw.wasmtime_trap_new(message, len(message))
+        return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
     # -- restrictions ----------------------------------------------------------------
     def restrict(self, allowed: frozenset[str] | None, during: str = "") -> tuple[frozenset[str] | None, str]:

@@ -78,6 +78,8 @@ class HostCalls:
         message = self._read(msg_ptr, msg_len)
         if message is None:
             return INVALID_MEMORY_ACCESS
+        if level < self.vm.services.log_level:
+            return OK  # below the log level: not decoded
         self.vm.log(level, message.decode("utf-8", "replace"))
         return OK
 

@@ -189,6 +189,7 @@ class PluginVm:
         if allocator is None:
             raise ModuleLoadError("module exports neither malloc nor proxy_on_memory_allocate")
         self._allocator: GuestFunc = allocator
+        self._allocator_name = allocator.name
         self.stream_exports = StreamExports(self.instance.functions)
 
     # -- start-up ----------------------------------------------------------------------
@@ -223,7 +224,7 @@ class PluginVm:
 
     # -- memory -----------------------------------------------------------------------
     def allocate(self, size: int) -> int:
-        previous = self.instance.restrict(MALLOC_HOSTCALLS, self._allocator.name)
+        previous = self.instance.restrict(MALLOC_HOSTCALLS, self._allocator_name)
         try:
             return self._allocator(size) & 0xFFFFFFFF
         finally:
