@@ -16,6 +16,9 @@ what comes out of the chain:
     fm.on_upstream_failure(status, details)         # connect refused (503), timeout (504)
     fm.complete()                                   # exchange over: on_log, on_destroy
 
+After ``complete`` the manager holds neither the sink nor the filters, so a sink may keep
+a reference to its manager: nothing of a finished exchange needs the cyclic GC.
+
 Every method may be called from the event loop only. Filters may resume iteration
 later (an http_call answer, a timer) and the sink is then called from that
 callback, still on the event loop.

@@ -25,16 +25,18 @@ local reply ``upstream_abandoned`` tells whether an upstream request had already
 been started and must now be dropped; response events arriving after a local reply
 are ignored. ``on_downstream_reset`` and a filter's ``reset_stream`` complete the
 exchange themselves (``complete`` is idempotent).
+
+Once ``complete`` ran, the manager lets go of its filters and its sink, so a
+finished exchange is freed by reference counting alone (no cyclic garbage per
+request: the sink usually points back at the manager, and filters hold callbacks).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from enum import Enum
-from functools import partial
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Concatenate, ParamSpec, TypeVar
 
 from wasmesh.http.exchange import ExchangeSink
 from wasmesh.http.filter import (
@@ -61,6 +63,8 @@ DEFAULT_BUFFER_LIMIT = 1 << 20  # Envoy's default per_connection_buffer_limit_by
 _log = logging.getLogger(__name__)
 
 _StatusT = TypeVar("_StatusT")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # Envoy's CodeUtility::toString for the codes a filter manager emits itself.
 _REASONS: dict[int, str] = {
@@ -118,18 +122,51 @@ def http_to_grpc_status(http_status: int) -> int:
     }.get(http_status, 2)  # UNKNOWN
 
 
-class _Iteration(Enum):
-    CONTINUE = 0
-    STOP_SINGLE = 1  # headers held; data still reaches this filter
-    STOP_ALL_BUFFER = 2  # nothing reaches this filter; data buffered
-    STOP_ALL_WATERMARK = 3  # as above, and the source is paused past the limit
+# A filter's iteration state in one direction. Plain ints, not an Enum: they are read and
+# compared several times per filter per request, and an Enum member lookup costs ~10x more.
+_ITERATING = 0
+_STOPPED_SINGLE = 1  # headers held; data still reaches this filter
+_STOPPED_ALL_BUFFER = 2  # nothing reaches this filter; data buffered
+_STOPPED_ALL_WATERMARK = 3  # as above, and the source is paused past the limit
+_STOPPED_ALL = (_STOPPED_ALL_BUFFER, _STOPPED_ALL_WATERMARK)
 
-
-_STOPPED_ALL = (_Iteration.STOP_ALL_BUFFER, _Iteration.STOP_ALL_WATERMARK)
-_BUFFERING_DATA_STATUSES = (
-    FilterDataStatus.STOP_ITERATION_AND_BUFFER,
-    FilterDataStatus.STOP_ITERATION_AND_WATERMARK,
+# The iteration state each stopping headers status leaves the filter in (anything else continues:
+# CONTINUE, and CONTINUE_AND_END_STREAM which Envoy's Wasm filter maps to Continue).
+_ITERATION_AFTER_HEADERS: dict[int, int] = {
+    FilterHeadersStatus.STOP_ITERATION: _STOPPED_SINGLE,
+    FilterHeadersStatus.STOP_ALL_ITERATION_AND_BUFFER: _STOPPED_ALL_BUFFER,
+    FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK: _STOPPED_ALL_WATERMARK,
+}
+# Statuses compared on every filter call, as module names (an IntEnum member lookup is slower).
+_HEADERS_STOP = FilterHeadersStatus.STOP_ITERATION
+_DATA_CONTINUE = FilterDataStatus.CONTINUE
+_DATA_STOP_NO_BUFFER = FilterDataStatus.STOP_ITERATION_NO_BUFFER
+_DATA_STOP_WATERMARK = FilterDataStatus.STOP_ITERATION_AND_WATERMARK
+_BUFFERING_DATA_STATUSES = frozenset(
+    (FilterDataStatus.STOP_ITERATION_AND_BUFFER, FilterDataStatus.STOP_ITERATION_AND_WATERMARK)
 )
+_TRAILERS_CONTINUE = FilterTrailersStatus.CONTINUE
+_TRAILERS_STOP = FilterTrailersStatus.STOP_ITERATION
+
+
+def _entry_point(
+    method: Callable[Concatenate[FilterManager, _P], _R],
+) -> Callable[Concatenate[FilterManager, _P], _R]:
+    """Wraps every way into the manager (events, and filters calling back): a completion
+    requested while inside (a reset, a downstream disconnect) runs once the outermost call unwinds.
+    (A plain wrapper, not a contextmanager: this runs several times per request.)"""
+
+    @functools.wraps(method)
+    def run(self: FilterManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self._depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._complete_pending and not self._completed:
+                self.complete()
+
+    return run
 
 
 class _Entry:
@@ -150,7 +187,7 @@ class _Entry:
     def __init__(self, http_filter: HttpFilter, index: int) -> None:
         self.filter = http_filter
         self.index = index
-        self.iteration = _Iteration.CONTINUE
+        self.iteration = _ITERATING
         self.headers_called = False
         self.headers_continued = False
         self.end_stream = False
@@ -161,6 +198,20 @@ class _Entry:
 
 class _Direction:
     """Per-direction stream state: the held headers/trailers and the one shared buffer."""
+
+    __slots__ = (
+        "is_request",
+        "entries",
+        "headers",
+        "trailers",
+        "buffer",
+        "buffer_holder",
+        "streaming",
+        "source_complete",
+        "headers_sent",
+        "done",
+        "aborted",
+    )
 
     def __init__(self, is_request: bool) -> None:
         self.is_request = is_request
@@ -177,12 +228,17 @@ class _Direction:
 
 
 class _Callbacks:
-    """The FilterCallbacks handed to one filter."""
+    """The FilterCallbacks handed to one filter.
 
-    def __init__(self, manager: FilterManager, decoder: _Entry, encoder: _Entry) -> None:
+    It names its filter by chain position, not by holding the filter's entries: a filter that
+    keeps its callbacks after on_destroy must not form a filter -> callbacks -> entry -> filter cycle.
+    """
+
+    __slots__ = ("_manager", "_index")
+
+    def __init__(self, manager: FilterManager, index: int) -> None:
         self._manager = manager
-        self._decoder = decoder
-        self._encoder = encoder
+        self._index = index
 
     @property
     def stream_info(self) -> StreamInfo:
@@ -201,10 +257,10 @@ class _Callbacks:
         return self._manager._response.trailers
 
     def continue_decoding(self) -> None:
-        self._manager._continue(self._manager._request, self._decoder)
+        self._manager._continue(self._index, decoding=True)
 
     def continue_encoding(self) -> None:
-        self._manager._continue(self._manager._response, self._encoder)
+        self._manager._continue(self._index, decoding=False)
 
     def send_local_reply(
         self,
@@ -214,8 +270,7 @@ class _Callbacks:
         details: str,
         grpc_status: int | None = None,
     ) -> None:
-        with self._manager._dispatch():
-            self._manager._send_local_reply(status, body, headers, details, grpc_status)
+        self._manager._filter_local_reply(status, body, headers, details, grpc_status)
 
     def reset_stream(self) -> None:
         self._manager._reset("filter_reset_stream")
@@ -230,18 +285,77 @@ class _Callbacks:
         return self._manager._add_trailers(self._manager._response)
 
 
+class _CompletedSink:
+    """The sink of a completed exchange: nothing reaches the transport any more (the manager
+    dropped the real sink so that the transport and the manager do not keep each other alive)."""
+
+    __slots__ = ()
+
+    def upstream_request_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        pass
+
+    def upstream_request_data(self, data: bytes, end_stream: bool) -> None:
+        pass
+
+    def upstream_request_trailers(self, trailers: HeaderMap) -> None:
+        pass
+
+    def downstream_response_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        pass
+
+    def downstream_response_data(self, data: bytes, end_stream: bool) -> None:
+        pass
+
+    def downstream_response_trailers(self, trailers: HeaderMap) -> None:
+        pass
+
+    def reset(self, details: str) -> None:
+        pass
+
+    def pause_request_source(self) -> None:
+        pass
+
+    def resume_request_source(self) -> None:
+        pass
+
+
+_COMPLETED_SINK = _CompletedSink()
+
+
 class FilterManager:
     """Drives one HTTP exchange through a chain of filters (see ``wasmesh.http.exchange``)."""
 
+    __slots__ = (
+        "_factories",
+        "stream_info",
+        "_sink",
+        "buffer_limit",
+        "_request",
+        "_response",
+        "_filters",
+        "_chain_created",
+        "_depth",
+        "_complete_pending",
+        "_completed",
+        "_is_reset",
+        "_source_paused",
+        "_head_request",
+        "_grpc_request",
+        "local_reply_sent",
+        "upstream_started",
+        "upstream_abandoned",
+        "route_cache_cleared",
+    )
+
     def __init__(
         self,
-        factories: Sequence[HttpFilterFactory],
+        factories: Sequence[HttpFilterFactory],  # not copied: the proxy's chains are tuples
         stream_info: StreamInfo,
         sink: ExchangeSink,
         *,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
     ) -> None:
-        self._factories = list(factories)
+        self._factories = factories
         self.stream_info = stream_info
         self._sink = sink
         self.buffer_limit = buffer_limit
@@ -293,97 +407,97 @@ class FilterManager:
         return self._completed
 
     # ------------------------------------------------------ downstream events
+    @_entry_point
     def on_request_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        with self._dispatch():
-            if self._closed() or self._request.headers is not None:
-                return
-            self._create_chain()
-            req = self._request
-            req.headers = headers
-            req.source_complete = end_stream
-            self._head_request = headers.get(b":method") == b"HEAD"
-            content_type = headers.get(b"content-type") or b""
-            self._grpc_request = content_type.startswith(b"application/grpc")
-            self._iterate_headers(req, 0, end_stream)
+        if self._closed() or self._request.headers is not None:
+            return
+        self._create_chain()
+        req = self._request
+        req.headers = headers
+        req.source_complete = end_stream
+        self._head_request = headers.get(b":method") == b"HEAD"
+        content_type = headers.get(b"content-type") or b""
+        self._grpc_request = content_type.startswith(b"application/grpc")
+        self._iterate_headers(req, 0, end_stream)
 
+    @_entry_point
     def on_request_data(self, chunk: bytes, end_stream: bool) -> None:
-        with self._dispatch():
-            req = self._request
-            if self._closed() or req.headers is None or req.source_complete:
-                return
-            self.stream_info.request_body_bytes += len(chunk)
-            req.source_complete = end_stream
-            if req.aborted:
-                return
-            self._iterate_data(req, 0, bytearray(chunk), end_stream)
+        req = self._request
+        if self._closed() or req.headers is None or req.source_complete:
+            return
+        self.stream_info.request_body_bytes += len(chunk)
+        req.source_complete = end_stream
+        if req.aborted:
+            return
+        self._iterate_data(req, 0, bytearray(chunk), end_stream)
 
+    @_entry_point
     def on_request_trailers(self, trailers: HeaderMap) -> None:
-        with self._dispatch():
-            req = self._request
-            if self._closed() or req.headers is None or req.source_complete:
-                return
-            req.source_complete = True
-            req.trailers = trailers
-            if req.aborted:
-                return
-            self._iterate_trailers(req, 0)
+        req = self._request
+        if self._closed() or req.headers is None or req.source_complete:
+            return
+        req.source_complete = True
+        req.trailers = trailers
+        if req.aborted:
+            return
+        self._iterate_trailers(req, 0)
 
+    @_entry_point
     def on_downstream_reset(self) -> None:
         """The client went away: no more callbacks except on_log/on_destroy, which run now."""
-        with self._dispatch():
-            if self._completed:
-                return
-            self._is_reset = True
-            self.stream_info.response_code_details = (
-                self.stream_info.response_code_details or "downstream_remote_disconnect"
-            )
-            self._complete_pending = True
+        if self._completed:
+            return
+        self._is_reset = True
+        self.stream_info.response_code_details = (
+            self.stream_info.response_code_details or "downstream_remote_disconnect"
+        )
+        self._complete_pending = True
 
     # -------------------------------------------------------- upstream events
+    @_entry_point
     def on_response_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        with self._dispatch():
-            resp = self._response
-            if self._closed() or self.local_reply_sent or resp.headers is not None:
-                return
-            self._create_chain()
-            resp.headers = headers
-            resp.source_complete = end_stream
-            # Envoy's router records these when upstream headers arrive, before any encoder runs.
-            self._record_response_code(headers)
-            self.stream_info.response_code_details = "via_upstream"
-            self._iterate_headers(resp, 0, end_stream)
+        resp = self._response
+        if self._closed() or self.local_reply_sent or resp.headers is not None:
+            return
+        self._create_chain()
+        resp.headers = headers
+        resp.source_complete = end_stream
+        # Envoy's router records these when upstream headers arrive, before any encoder runs.
+        self._record_response_code(headers)
+        self.stream_info.response_code_details = "via_upstream"
+        self._iterate_headers(resp, 0, end_stream)
 
+    @_entry_point
     def on_response_data(self, chunk: bytes, end_stream: bool) -> None:
-        with self._dispatch():
-            resp = self._response
-            if self._closed() or self.local_reply_sent or resp.headers is None or resp.source_complete:
-                return
-            resp.source_complete = end_stream
-            if resp.aborted:
-                return
-            self._iterate_data(resp, 0, bytearray(chunk), end_stream)
+        resp = self._response
+        if self._closed() or self.local_reply_sent or resp.headers is None or resp.source_complete:
+            return
+        resp.source_complete = end_stream
+        if resp.aborted:
+            return
+        self._iterate_data(resp, 0, bytearray(chunk), end_stream)
 
+    @_entry_point
     def on_response_trailers(self, trailers: HeaderMap) -> None:
-        with self._dispatch():
-            resp = self._response
-            if self._closed() or self.local_reply_sent or resp.headers is None or resp.source_complete:
-                return
-            resp.source_complete = True
-            resp.trailers = trailers
-            if resp.aborted:
-                return
-            self._iterate_trailers(resp, 0)
+        resp = self._response
+        if self._closed() or self.local_reply_sent or resp.headers is None or resp.source_complete:
+            return
+        resp.source_complete = True
+        resp.trailers = trailers
+        if resp.aborted:
+            return
+        self._iterate_trailers(resp, 0)
 
+    @_entry_point
     def on_upstream_failure(self, status: int, details: str, body: bytes | None = None) -> None:
         """The upstream could not answer (503 refused/reset, 504 timeout): Envoy's router local reply."""
-        with self._dispatch():
-            if self._closed() or self.local_reply_sent:
-                return
-            if body is None:
-                body = upstream_failure_body(status, details)
-            self._create_chain()
-            # The router is the last decoder filter: every filter sees its reply.
-            self._send_local_reply(status, body, [], details, None, from_router=True)
+        if self._closed() or self.local_reply_sent:
+            return
+        if body is None:
+            body = upstream_failure_body(status, details)
+        self._create_chain()
+        # The router is the last decoder filter: every filter sees its reply.
+        self._send_local_reply(status, body, [], details, None, from_router=True)
 
     def complete(self) -> None:
         """The exchange is over: every filter gets on_log, then on_destroy, exactly once."""
@@ -405,18 +519,15 @@ class FilterManager:
                 http_filter.on_destroy()
             except Exception:
                 _log.exception("filter on_destroy raised")
+        # Let go of everything that may point back here (the sink usually holds this manager,
+        # filters hold their callbacks): the exchange is then freed by reference counting.
+        # The held headers, stream info and outcome flags stay readable.
+        self._filters = []
+        self._request.entries = []
+        self._response.entries = []
+        self._sink = _COMPLETED_SINK
 
     # --------------------------------------------------------------- internals
-    @contextmanager
-    def _dispatch(self) -> Iterator[None]:
-        """Every entry point: runs a pending completion once the outermost call unwinds."""
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0 and self._complete_pending and not self._completed:
-                self.complete()
 
     def _closed(self) -> bool:
         return self._completed or self._is_reset or self._complete_pending
@@ -436,21 +547,27 @@ class FilterManager:
             encoder = _Entry(http_filter, count - 1 - index)
             self._request.entries.append(decoder)
             self._response.entries.insert(0, encoder)
-            http_filter.set_callbacks(_Callbacks(self, decoder, encoder))
-
-    def _decoder_of(self, encoder: _Entry) -> _Entry:
-        return self._request.entries[len(self._request.entries) - 1 - encoder.index]
+            http_filter.set_callbacks(_Callbacks(self, index))
 
     def _skip_encoder(self, direction: _Direction, entry: _Entry) -> bool:
         """Filters that never saw the request do not see the response (a local reply)."""
-        return not direction.is_request and not self._decoder_of(entry).headers_called
+        if direction.is_request:
+            return False
+        decoders = self._request.entries
+        return not decoders[len(decoders) - 1 - entry.index].headers_called
 
     def _invoke(
-        self, direction: _Direction, entry: _Entry, call: Callable[[], _StatusT], stop: _StatusT
+        self,
+        direction: _Direction,
+        entry: _Entry,
+        stop: _StatusT,
+        hook: Callable[..., _StatusT],
+        *args: object,
     ) -> _StatusT:
+        """Run one filter callback; a raising filter fails the exchange and reads as ``stop``."""
         entry.in_callback = True
         try:
-            status = call()
+            status = hook(*args)
         except Exception as exc:
             entry.in_callback = False
             _log.exception("filter raised during %s", "decoding" if direction.is_request else "encoding")
@@ -480,21 +597,15 @@ class FilterManager:
             entry.continue_requested = False
             # Marked before the call: a local reply sent from inside it reaches this filter's encoder.
             entry.headers_called = True
-            method = entry.filter.decode_headers if d.is_request else entry.filter.encode_headers
-            status = self._invoke(
-                d, entry, partial(method, headers, end_stream), FilterHeadersStatus.STOP_ITERATION
-            )
+            hook = entry.filter.decode_headers if d.is_request else entry.filter.encode_headers
+            status = self._invoke(d, entry, _HEADERS_STOP, hook, headers, end_stream)
             if d.aborted:
                 return
-            if status == FilterHeadersStatus.STOP_ITERATION:
-                entry.iteration = _Iteration.STOP_SINGLE
-            elif status == FilterHeadersStatus.STOP_ALL_ITERATION_AND_BUFFER:
-                entry.iteration = _Iteration.STOP_ALL_BUFFER
-            elif status == FilterHeadersStatus.STOP_ALL_ITERATION_AND_WATERMARK:
-                entry.iteration = _Iteration.STOP_ALL_WATERMARK
-            else:  # CONTINUE, and CONTINUE_AND_END_STREAM which Envoy's Wasm filter maps to Continue
+            iteration = _ITERATION_AFTER_HEADERS.get(status)
+            if iteration is None:
                 entry.headers_continued = True
                 continue
+            entry.iteration = iteration
             if entry.continue_requested:  # continue called from inside the callback
                 self._common_continue(d, entry)
             return
@@ -524,7 +635,7 @@ class FilterManager:
             if self._skip_encoder(d, entry):
                 continue
             if entry.iteration in _STOPPED_ALL:
-                d.streaming = entry.iteration == _Iteration.STOP_ALL_WATERMARK
+                d.streaming = entry.iteration == _STOPPED_ALL_WATERMARK
                 self._buffer_data(d, entry, data)
                 return
             if entry.end_stream:
@@ -539,9 +650,8 @@ class FilterManager:
                     if d.aborted or self._closed():
                         return
             entry.continue_requested = False
-            data_method = entry.filter.decode_data if d.is_request else entry.filter.encode_data
-            data_call = partial(data_method, data, entry.end_stream)
-            status = self._invoke(d, entry, data_call, FilterDataStatus.STOP_ITERATION_NO_BUFFER)
+            hook = entry.filter.decode_data if d.is_request else entry.filter.encode_data
+            status = self._invoke(d, entry, _DATA_STOP_NO_BUFFER, hook, data, entry.end_stream)
             if d.aborted:
                 return
             if not trailers_at_start and d.trailers is not None and trailers_added_at is None:
@@ -555,16 +665,16 @@ class FilterManager:
 
     def _after_data(self, d: _Direction, entry: _Entry, status: FilterDataStatus, data: bytearray) -> bool:
         """Envoy's commonHandleAfterDataCallback: True = keep iterating."""
-        if status == FilterDataStatus.CONTINUE:
-            if entry.iteration == _Iteration.STOP_SINGLE:
+        if status == _DATA_CONTINUE:
+            if entry.iteration == _STOPPED_SINGLE:
                 # The filter held the headers (or buffered) and now lets everything go.
                 self._buffer_data(d, entry, data)
                 self._common_continue(d, entry)
                 return False
             return True
-        entry.iteration = _Iteration.STOP_SINGLE
+        entry.iteration = _STOPPED_SINGLE
         if status in _BUFFERING_DATA_STATUSES:
-            d.streaming = status == FilterDataStatus.STOP_ITERATION_AND_WATERMARK
+            d.streaming = status == _DATA_STOP_WATERMARK
             self._buffer_data(d, entry, data)
         elif data is d.buffer:
             d.buffer_holder = entry.index  # what was buffered stays buffered
@@ -624,18 +734,17 @@ class FilterManager:
             if entry.iteration in _STOPPED_ALL:
                 return
             entry.continue_requested = False
-            trailers_method = entry.filter.decode_trailers if d.is_request else entry.filter.encode_trailers
-            trailers_call = partial(trailers_method, trailers)
-            status = self._invoke(d, entry, trailers_call, FilterTrailersStatus.STOP_ITERATION)
+            hook = entry.filter.decode_trailers if d.is_request else entry.filter.encode_trailers
+            status = self._invoke(d, entry, _TRAILERS_STOP, hook, trailers)
             entry.end_stream = True
             if d.aborted:
                 return
-            if status == FilterTrailersStatus.CONTINUE:
-                if entry.iteration == _Iteration.STOP_SINGLE:
+            if status == _TRAILERS_CONTINUE:
+                if entry.iteration == _STOPPED_SINGLE:
                     self._common_continue(d, entry)
                     return
                 continue
-            entry.iteration = _Iteration.STOP_SINGLE
+            entry.iteration = _STOPPED_SINGLE
             if entry.continue_requested:
                 self._common_continue(d, entry)
             return
@@ -651,27 +760,31 @@ class FilterManager:
         return d.trailers
 
     # Continue ---------------------------------------------------------------
-    def _continue(self, d: _Direction, entry: _Entry) -> None:
-        with self._dispatch():
-            if self._closed() or d.aborted:
-                return
-            if entry.in_callback:
-                # Envoy's Wasm filter defers a continue issued inside its own callback
-                # until that callback returned; the status is applied first.
-                entry.continue_requested = True
-                return
-            self._common_continue(d, entry)
+    @_entry_point
+    def _continue(self, filter_index: int, *, decoding: bool) -> None:
+        """A filter's continue_decoding/continue_encoding (also later, from a timer or an http_call)."""
+        d = self._request if decoding else self._response
+        if self._closed() or d.aborted:
+            return
+        # Encoders are stored in reverse chain order.
+        entry = d.entries[filter_index if decoding else len(d.entries) - 1 - filter_index]
+        if entry.in_callback:
+            # Envoy's Wasm filter defers a continue issued inside its own callback
+            # until that callback returned; the status is applied first.
+            entry.continue_requested = True
+            return
+        self._common_continue(d, entry)
 
     def _common_continue(self, d: _Direction, entry: _Entry) -> None:
         """Envoy's ActiveStreamFilterBase::commonContinue."""
         entry.continue_requested = False
         if self._closed() or d.aborted:
             return
-        if entry.iteration == _Iteration.CONTINUE:
+        if entry.iteration == _ITERATING:
             return  # nothing is held by this filter
         if entry.iteration in _STOPPED_ALL:
             entry.iterate_from_current = True
-        entry.iteration = _Iteration.CONTINUE
+        entry.iteration = _ITERATING
         if not entry.headers_continued:
             entry.headers_continued = True
             end_stream = d.source_complete and d.buffer is None and d.trailers is None
@@ -690,6 +803,18 @@ class FilterManager:
         entry.iterate_from_current = False
 
     # Local reply / reset ----------------------------------------------------
+    @_entry_point
+    def _filter_local_reply(
+        self,
+        status: int,
+        body: bytes,
+        extra_headers: list[tuple[bytes, bytes]],
+        details: str,
+        grpc_status: int | None,
+    ) -> None:
+        """A filter's send_local_reply (it may come from a timer or an http_call answer)."""
+        self._send_local_reply(status, body, extra_headers, details, grpc_status)
+
     def _send_local_reply(
         self,
         status: int,
@@ -758,15 +883,15 @@ class FilterManager:
         headers.remove(b"content-type")
         return headers, b""
 
+    @_entry_point
     def _reset(self, details: str) -> None:
-        with self._dispatch():
-            if self._closed():
-                return
-            self._is_reset = True
-            self._request.aborted = True
-            self._response.aborted = True
-            if self.upstream_started and not self._response.done:
-                self.upstream_abandoned = True
-            self.stream_info.response_code_details = details
-            self._sink.reset(details)
-            self._complete_pending = True
+        if self._closed():
+            return
+        self._is_reset = True
+        self._request.aborted = True
+        self._response.aborted = True
+        if self.upstream_started and not self._response.done:
+            self.upstream_abandoned = True
+        self.stream_info.response_code_details = details
+        self._sink.reset(details)
+        self._complete_pending = True

@@ -179,7 +179,8 @@ class ResponseHandler(Protocol):
 
 
 class ResponseParser:
-    """Parses one connection's responses. ``expect_no_body()`` before a HEAD request's answer."""
+    """Parses one connection's responses. ``expect_no_body()`` before a HEAD request's answer;
+    ``next_response()`` between requests on a kept-alive connection."""
 
     __slots__ = (
         "_handler",
@@ -190,6 +191,7 @@ class ResponseParser:
         "_done",
         "_headers_done",
         "_eof_body",
+        "_between_messages",
     )
 
     def __init__(self, handler: ResponseHandler) -> None:
@@ -201,9 +203,17 @@ class ResponseParser:
         self._done = False
         self._headers_done = False
         self._eof_body = False
+        self._between_messages = True
 
     def expect_no_body(self) -> None:
         self._no_body = True
+
+    def next_response(self) -> bool:
+        """Get ready for the response to the next request on this connection (the same parser
+        carries on: no per-request parser, whose bound callbacks would form a reference cycle).
+        False if bytes of another response already arrived unasked: do not reuse the connection."""
+        self._no_body = False
+        return self._between_messages
 
     @property
     def in_body_until_eof(self) -> bool:
@@ -225,11 +235,13 @@ class ResponseParser:
             # httptools cannot be told a response answers HEAD; finish it ourselves and start
             # a fresh parser for the next response on this connection.
             self._done = True
+            self._between_messages = True
             self._parser = httptools.HttpResponseParser(self)
             self._handler.on_response_complete()
 
     def on_message_begin(self) -> None:
         self._pairs = [(b":status", b"")]
+        self._between_messages = False
         self._done = False
         self._headers_done = False
         self._body_expected = False
@@ -276,6 +288,7 @@ class ResponseParser:
         if self._pairs and self._pairs[0][1].startswith(b"1"):
             return  # interim response finished; the real one follows
         self._done = True
+        self._between_messages = True
         self._handler.on_response_complete()
 
     def connection_closed(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from wasmesh.http.exchange import ExchangeSink
 from wasmesh.http.filter import HttpFilterFactory, StreamInfo
+from wasmesh.http.filter_manager import FilterManager, upstream_failure_body
 from wasmesh.http.headers import HeaderMap
 
 
@@ -66,7 +67,7 @@ class PassThroughFilterManager:
             self._sink.reset(details)
             return
         self._response_started = True
-        body = _local_reply_body(status, details)
+        body = upstream_failure_body(status, details)
         self._info.response_code_details = details
         headers = HeaderMap.from_lowercase(
             [
@@ -82,24 +83,9 @@ class PassThroughFilterManager:
         pass
 
 
-def _local_reply_body(status: int, details: str) -> bytes:
-    # Envoy's local reply bodies for these cases.
-    if details.startswith("upstream_reset_before_response_started{"):
-        reason = details[len("upstream_reset_before_response_started{") : -1]
-        return b"upstream connect error or disconnect/reset before headers. reset reason: " + reason.encode()
-    if status == 504:
-        return b"upstream request timeout"
-    if status == 404:
-        return b""
-    return details.encode()
-
-
 def make_filter_manager(
     factories: Sequence[HttpFilterFactory], stream_info: StreamInfo, sink: ExchangeSink, buffer_limit: int
 ) -> FilterManagerLike:
     if not factories:
         return PassThroughFilterManager(stream_info, sink)
-    from wasmesh.http.filter_manager import FilterManager  # type: ignore[import-not-found,unused-ignore]
-
-    fm: FilterManagerLike = FilterManager(factories, stream_info, sink, buffer_limit=buffer_limit)
-    return fm
+    return FilterManager(factories, stream_info, sink, buffer_limit=buffer_limit)

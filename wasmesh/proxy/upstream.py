@@ -156,11 +156,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.stream = None
         if self.closed or self.transport is None:
             return
-        if not self.reusable:
+        if not self.reusable or not self.parser.next_response():
             self.close()
             return
         self.transport.resume_reading()
-        self.parser = ResponseParser(self)
         self.last_used = time.monotonic()
         self.cluster._give_back(self)
 
