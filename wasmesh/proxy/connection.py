@@ -236,6 +236,11 @@ class DownstreamConnection(asyncio.Protocol):
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
+    def flush(self) -> None:
+        """Hand what this event queued to the socket now (the scheduled flush then finds nothing)."""
+        if self._out is not None:
+            self._flush()
+
     def abort(self) -> None:
         self._closing = True
         self._out = None

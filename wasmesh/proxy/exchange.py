@@ -585,6 +585,9 @@ class ProxyExchange:
             lstats.rq_time.observe((time.monotonic_ns() - info.start_monotonic_ns) / 1e6)
         fm, self.fm = self.fm, None  # also breaks the exchange <-> filter manager reference cycle
         if fm is not None:
+            # The response is complete: send it before the plugins' on_log/on_done/on_delete run,
+            # so their work is not added to the client's latency.
+            self.conn.flush()
             try:
                 fm.complete()
             except Exception:
