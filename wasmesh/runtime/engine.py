@@ -464,8 +464,10 @@ class WasmInstance:
         self._deadline_ms = 5000
         self._deadline_ticks = engine.deadline_ticks(self._deadline_ms)
         self._deadline_ticks_c = ctypes.c_uint64(self._deadline_ticks)
-        self._allowed: frozenset[str] | None = None  # None: every host call is allowed
-        self._restricted_during = ""
+        # Set (with ``restrict``, or directly on hot paths) while the guest may make only the host
+        # calls named ``module.name`` in the set; None: every host call is allowed.
+        self.allowed_hostcalls: frozenset[str] | None = None
+        self.restricted_phase = ""
         self._keepalive: list[Any] = []
         self._mem: wasmtime.Memory | None = None
         self._mem_p: Any = None
@@ -543,7 +545,7 @@ class WasmInstance:
         where = f"{host.module}.{host.name}"
 
         def refuse() -> None:
-            raise RestrictedHostCall(f"restricted_callback: {where} called during {self._restricted_during}")
+            raise RestrictedHostCall(f"restricted_callback: {where} called during {self.restricted_phase}")
 
         # One closure per result kind: an i32 result (nearly every import) is masked and
         # packed without further branching.
@@ -552,7 +554,7 @@ class WasmInstance:
 
             def call_host(_env: Any, _caller: Any, args: int, _nargs: int) -> int:
                 try:
-                    if self._allowed is not None and where not in self._allowed:
+                    if self.allowed_hostcalls is not None and where not in self.allowed_hostcalls:
                         refuse()
                     values = slots(args)
                     pack_u32(values, 0, (impl(*unpack(values)) or 0) & _MASK32)
@@ -565,7 +567,7 @@ class WasmInstance:
 
             def call_host(_env: Any, _caller: Any, args: int, _nargs: int) -> int:
                 try:
-                    if self._allowed is not None and where not in self._allowed:
+                    if self.allowed_hostcalls is not None and where not in self.allowed_hostcalls:
                         refuse()
                     values = slots(args)
                     value = impl(*unpack(values))
@@ -591,8 +593,8 @@ class WasmInstance:
 
         Returns the previous restriction, to hand back to ``restrict`` when the phase ends.
         """
-        previous = self._allowed, self._restricted_during
-        self._allowed, self._restricted_during = allowed, during
+        previous = self.allowed_hostcalls, self.restricted_phase
+        self.allowed_hostcalls, self.restricted_phase = allowed, during
         return previous
 
     # -- failures ------------------------------------------------------------------
@@ -685,7 +687,7 @@ class WasmInstance:
         view = self._view if ptr + size <= self._mem_size else self._view_for(ptr + size)
         return None if view is None else view[ptr : ptr + size].tobytes()
 
-    def write(self, ptr: int, data: bytes) -> bool:
+    def write(self, ptr: int, data: bytes | bytearray) -> bool:
         size = len(data)
         if size == 0:
             return True

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 from wasmesh.http.headers import HeaderMap
 from wasmesh.runtime.abi import GRPC_STATUS_MAX, AbiVersion, BufferType, LogLevel, MapType, WasmResult
 from wasmesh.runtime.contexts import Context, HttpCallResponse
-from wasmesh.runtime.engine import FuncSig, HostFunc, sig
+from wasmesh.runtime.engine import FuncSig, HostFunc, WasmInstance, sig
 from wasmesh.runtime.pairs import PairsError, decode_pairs, decode_property_path, encode_pairs
 from wasmesh.runtime.properties import get_property, set_property
 
 if TYPE_CHECKING:
     from wasmesh.runtime.vm import PluginVm
+
+_LAST_MAP_TYPE = int(MapType.HTTP_CALL_RESPONSE_TRAILERS)
 
 OK = WasmResult.OK
 NOT_FOUND = WasmResult.NOT_FOUND
@@ -56,17 +58,15 @@ class HostCalls:
     def __init__(self, vm: PluginVm) -> None:
         self.vm = vm
 
+    def bind(self, instance: WasmInstance) -> None:
+        """Resolve the memory helpers once the VM's instance exists (they run on every host call)."""
+        self._read: Callable[[int, int], bytes | None] = instance.read
+
     # -- helpers ----------------------------------------------------------------------
     @property
     def ctx(self) -> Context:
         vm = self.vm
         return vm._effective if vm._effective is not None else vm._vm_context
-
-    def _read(self, ptr: int, size: int) -> bytes | None:
-        return self.vm.instance.read(ptr, size)
-
-    def _copy_out(self, data: bytes | bytearray, ptr_ptr: int, size_ptr: int) -> WasmResult:
-        return self.vm.copy_out(bytes(data), ptr_ptr, size_ptr)
 
     def _write_u32(self, ptr: int, value: int) -> WasmResult:
         return OK if self.vm.instance.write_u32(ptr, value) else INVALID_MEMORY_ACCESS
@@ -97,7 +97,7 @@ class HostCalls:
     def proxy_get_configuration(self, ptr_ptr: int, size_ptr: int) -> int:
         root = self.ctx.root
         config = root.identity.configuration if self.vm.in_configure else root.identity.vm_config
-        return self._copy_out(config, ptr_ptr, size_ptr)
+        return self.vm.copy_out(config, ptr_ptr, size_ptr)
 
     # -- buffers ---------------------------------------------------------------------
     def proxy_get_buffer_bytes(
@@ -111,7 +111,7 @@ class HostCalls:
         if start > len(data):
             return BAD_ARGUMENT
         end = min(len(data), start + max_size)
-        return self._copy_out(data[start:end], ptr_ptr, size_ptr)
+        return self.vm.copy_out(data[start:end], ptr_ptr, size_ptr)
 
     def proxy_get_buffer_status(self, buf_type: int, len_ptr: int, flags_ptr: int) -> int:
         if buf_type > BufferType.REDIS_CALL_RESPONSE:
@@ -135,7 +135,10 @@ class HostCalls:
 
     # -- header maps ----------------------------------------------------------------------
     def _map(self, map_type: int) -> HeaderMap | None:
-        return self.ctx.header_map(map_type) if map_type <= MapType.HTTP_CALL_RESPONSE_TRAILERS else None
+        if map_type > _LAST_MAP_TYPE:
+            return None
+        vm = self.vm
+        return (vm._effective if vm._effective is not None else vm._vm_context).header_map(map_type)
 
     def proxy_get_header_map_size(self, map_type: int, size_ptr: int) -> int:
         headers = self._map(map_type)
@@ -147,8 +150,8 @@ class HostCalls:
         headers = self._map(map_type)
         if headers is None or len(headers) == 0:
             # An absent or empty map reads as ptr=0,size=0 (cpp-host).
-            return self._copy_out(b"", ptr_ptr, size_ptr)
-        return self._copy_out(encode_pairs(headers.pairs()), ptr_ptr, size_ptr)
+            return self.vm.copy_out(b"", ptr_ptr, size_ptr)
+        return self.vm.copy_out(encode_pairs(headers.pairs()), ptr_ptr, size_ptr)
 
     def proxy_set_header_map_pairs(self, map_type: int, ptr: int, size: int) -> int:
         headers = self.ctx.writable_header_map(map_type)
@@ -176,18 +179,20 @@ class HostCalls:
         value = headers.get(key)
         if value is None:
             if self.vm.abi == AbiVersion.V0_1_0:
-                return self._copy_out(b"", ptr_ptr, size_ptr)
+                return self.vm.copy_out(b"", ptr_ptr, size_ptr)
             return NOT_FOUND
-        return self._copy_out(value, ptr_ptr, size_ptr)
+        return self.vm.copy_out(value, ptr_ptr, size_ptr)
 
     def _change_header(
         self, map_type: int, key_ptr: int, key_len: int, val_ptr: int, val_len: int,
         change: Callable[[HeaderMap, bytes, bytes], None],
     ) -> int:
-        headers = self.ctx.writable_header_map(map_type)
+        vm = self.vm
+        ctx = vm._effective if vm._effective is not None else vm._vm_context  # self.ctx, inlined
+        headers = ctx.writable_header_map(map_type)
         if headers is None:
             return BAD_ARGUMENT
-        read = self.vm.instance.read
+        read = vm.instance.read
         key = read(key_ptr, key_len)
         value = read(val_ptr, val_len)
         if key is None or value is None:
@@ -250,7 +255,7 @@ class HostCalls:
         code, message = self.ctx.root.status
         if self._write_u32(code_ptr, code) != OK:
             return INVALID_MEMORY_ACCESS
-        return self._copy_out(message, msg_ptr_ptr, msg_size_ptr)
+        return self.vm.copy_out(message, msg_ptr_ptr, msg_size_ptr)
 
     # -- callouts ----------------------------------------------------------------------
     def proxy_http_call(
@@ -294,7 +299,7 @@ class HostCalls:
         value, cas = entry
         if self._write_u32(cas_ptr, cas) != OK:
             return INVALID_MEMORY_ACCESS
-        return self._copy_out(value, val_ptr_ptr, val_len_ptr)
+        return self.vm.copy_out(value, val_ptr_ptr, val_len_ptr)
 
     def proxy_set_shared_data(self, key_ptr: int, key_len: int, val_ptr: int, val_len: int, cas: int) -> int:
         key = self._read(key_ptr, key_len)
@@ -333,7 +338,7 @@ class HostCalls:
         status, value = self.vm.services.shared_queues.dequeue(token)
         if status != OK:
             return status
-        return self._copy_out(value, ptr_ptr, size_ptr)
+        return self.vm.copy_out(value, ptr_ptr, size_ptr)
 
     # -- metrics ----------------------------------------------------------------------
     def proxy_define_metric(self, metric_type: int, name_ptr: int, name_len: int, id_ptr: int) -> int:
@@ -365,7 +370,7 @@ class HostCalls:
         value = get_property(self.ctx.property_source(), decode_property_path(raw))
         if value is None:
             return NOT_FOUND
-        return self._copy_out(value, ptr_ptr, size_ptr)
+        return self.vm.copy_out(value, ptr_ptr, size_ptr)
 
     def proxy_set_property(self, path_ptr: int, path_len: int, val_ptr: int, val_len: int) -> int:
         raw = self._read(path_ptr, path_len)
@@ -394,7 +399,7 @@ class HostCalls:
         status, result = function(args)
         if status != OK:
             return status
-        return self._copy_out(result, ptr_ptr, size_ptr)
+        return self.vm.copy_out(result, ptr_ptr, size_ptr)
 
     # -- Higress extras with no backend here ------------------------------------------------
     def proxy_get_upstream_hosts(self, _ptr_ptr: int, _size_ptr: int) -> int:

@@ -215,8 +215,15 @@ class WasmHttpFilter:
 
     # -- HttpFilter ---------------------------------------------------------------------
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
+        # _decode written out: headers run on every request, on the latency path.
         self.request_headers = headers
-        return self._headers_status(self._decode(self._exports.request_headers, len(headers), end_stream))
+        self.in_decode = True
+        self.resume_now = False
+        try:
+            result = self._call(self._exports.request_headers, len(headers), end_stream)
+        finally:
+            self.in_decode = False
+        return self._headers_status(result)
 
     def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.request_body = data
@@ -229,8 +236,13 @@ class WasmHttpFilter:
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         self.response_headers = headers
         # A local reply sent while decoding (ours, or FAIL_CLOSE's 503) must pass this encoder (as Envoy).
-        passthrough = self.local_reply_sent or self._stopped_by_failure()
-        result = self._encode(self._exports.response_headers, len(headers), end_stream)
+        passthrough = self.local_reply_sent or (self._failed and not self._fail_open)
+        self.in_encode = True  # _encode written out, as in decode_headers
+        self.resume_now = False
+        try:
+            result = self._call(self._exports.response_headers, len(headers), end_stream)
+        finally:
+            self.in_encode = False
         status = self._headers_status(result)
         return _HEADERS_CONTINUE if passthrough else status
 

@@ -190,6 +190,7 @@ class PluginVm:
             raise ModuleLoadError("module exports neither malloc nor proxy_on_memory_allocate")
         self._allocator: GuestFunc = allocator
         self._allocator_name = allocator.name
+        self.hostcalls.bind(self.instance)
         self.stream_exports = StreamExports(self.instance.functions)
 
     # -- start-up ----------------------------------------------------------------------
@@ -224,13 +225,17 @@ class PluginVm:
 
     # -- memory -----------------------------------------------------------------------
     def allocate(self, size: int) -> int:
-        previous = self.instance.restrict(MALLOC_HOSTCALLS, self._allocator_name)
+        # instance.restrict(), written out: this runs for every value handed to the plugin.
+        inst = self.instance
+        saved = inst.allowed_hostcalls, inst.restricted_phase
+        inst.allowed_hostcalls, inst.restricted_phase = MALLOC_HOSTCALLS, self._allocator_name
         try:
             return self._allocator(size) & 0xFFFFFFFF
         finally:
-            self.instance.restrict(*previous)
+            inst.allowed_hostcalls, inst.restricted_phase = saved
 
-    def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> WasmResult:
+    def copy_out(self, data: bytes | bytearray, ptr_ptr: int, size_ptr: int) -> WasmResult:
+        """Hand ``data`` to the plugin: guest memory of exactly its size, written at *ptr_ptr/*size_ptr."""
         inst = self.instance
         if not data:
             ok = inst.write_u32(ptr_ptr, 0) and inst.write_u32(size_ptr, 0)
