@@ -569,6 +569,8 @@ class PluginHarness:
         info = self._stream_info_factory() if self._stream_info_factory else self._default_stream_info(scheme)
         manager = FilterManager(self.factories, info, exchange, buffer_limit=self._buffer_limit)
         exchange.manager = manager
+        # Only unfinished exchanges need resetting at close(): a long test must not keep every one.
+        self._exchanges = [e for e in self._exchanges if e.manager is not None and not e.manager.completed]
         self._exchanges.append(exchange)
 
         request_headers = HeaderMap(
