@@ -161,6 +161,7 @@ class PluginVm:
         self.call_data: bytes | None = None
         self.in_configure = False
         self.local_reply_in_call = False
+        self.closed = False
         self.contexts: dict[int, Context] = {}
         self._next_context_id = 0
         self._next_http_token = 0
@@ -477,9 +478,22 @@ class PluginVm:
 
     # -- teardown -----------------------------------------------------------------------
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for ctx in list(self.contexts.values()):
             if isinstance(ctx, RootContext) and ctx.tick_handle is not None:
                 ctx.tick_handle.cancel()
                 ctx.tick_handle = None
         self.contexts.clear()
         self.instance.close()
+        # Filters keep the exports they resolved (StreamExports) past close, and the instance's
+        # host callbacks are freed now: calling one would crash the process. Unresolve them in
+        # place, so a late callback finds nothing to call (as a lookup by name does).
+        for name in StreamExports.__slots__:
+            setattr(self.stream_exports, name, None)
+        # HostCalls and the VM context point back here: drop them so that a closed VM is freed by
+        # reference counting alone (workers gc.freeze() what they built at start-up, VMs included).
+        self._deferred.clear()
+        self._current = self._effective = None
+        del self.hostcalls, self._vm_context
