@@ -3,6 +3,7 @@ and the supervisor's restart backoff for a worker that keeps crashing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -207,3 +208,26 @@ def test_crash_loop_is_restarted_with_backoff_and_bad_start_stops() -> None:
     fresh = Supervisor(serve, None, 1, None, "info")
     fresh.slots[0].process = _ExitedProcess(2)
     assert fresh._check_workers(now) == 2
+
+
+def test_a_death_seen_before_the_ready_message_is_read_waits_for_it() -> None:
+    """A worker that reported ready and died at once is a crash, not a configuration that cannot start."""
+
+    async def scenario() -> None:
+        supervisor = Supervisor(serve, None, 1, None, "info")
+        slot = supervisor.slots[0]
+        slot.process = _ExitedProcess(-9)
+        ready_read = asyncio.Event()
+
+        async def reading_the_ready_message() -> None:
+            await ready_read.wait()
+            slot.served = True
+
+        slot.report = asyncio.create_task(reading_the_ready_message())
+        supervisor._spawn = lambda worker_id: None  # type: ignore[method-assign]
+        assert supervisor._check_workers(1000.0) is None  # undecided while the message is in flight
+        ready_read.set()
+        await slot.report
+        assert supervisor._check_workers(1000.0) is None and slot.restarts == 1  # restarted, proxy kept
+
+    asyncio.run(scenario())

@@ -261,6 +261,7 @@ class _WorkerSlot:
     restarts: int = 0
     consecutive_crashes: int = 0
     restart_at: float | None = None  # monotonic time of a pending (backed-off) restart
+    report: asyncio.Task[None] | None = None  # reading the current process's ready message
 
 
 class Supervisor:
@@ -302,7 +303,8 @@ class Supervisor:
         slot = self.slots[worker_id]
         slot.process, slot.restart_at = process, None
         slot.started_at = time.monotonic()
-        self._reports.append(asyncio.create_task(self._wait_report(worker_id, process, parent)))
+        slot.report = asyncio.create_task(self._wait_report(worker_id, process, parent))
+        self._reports.append(slot.report)
 
     async def _wait_report(self, worker_id: int, process: Any, conn: Connection) -> None:
         msg = await asyncio.get_running_loop().run_in_executor(None, _receive_once, conn)
@@ -324,6 +326,8 @@ class Supervisor:
             if process is None or process.is_alive():
                 continue
             if not slot.served:
+                if slot.report is not None and not slot.report.done():
+                    continue  # its ready message (or the pipe's EOF) is still being read
                 # Died before any process of this id served: the config cannot start; do not spin.
                 code: int = process.exitcode or 1
                 return code
