@@ -12,12 +12,12 @@ from pathlib import Path
 
 import wasmtime
 
-_PRELUDE = """
+_PRELUDE_TEMPLATE = """
   (import "env" "proxy_add_header_map_value"
     (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_replace_header_map_value"
     (func $replace_header (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
+  (memory (export "memory") PAGES)
   (global $heap (mut i32) (i32.const 8192))
   (func (export "malloc") (param $size i32) (result i32)
     (local $ptr i32)
@@ -38,6 +38,7 @@ _PRELUDE = """
   (func (export "proxy_on_log") (param i32))
   (func (export "proxy_on_delete") (param i32))
 """
+_PRELUDE = _PRELUDE_TEMPLATE.replace("PAGES", "2")
 
 
 def _wat_string(text: str) -> str:
@@ -110,3 +111,12 @@ def wasmplugin_yaml(
     if plugin_config:
         lines.append(f"  pluginConfig: {plugin_config}")
     return "\n".join(lines) + "\n"
+
+
+def looping_plugin_wat(pages: int = 2) -> str:
+    """A plugin whose request-headers callback never returns; ``pages`` of 64 KiB memory at start."""
+    return f"""(module {_PRELUDE_TEMPLATE.replace("PAGES", str(pages))}
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (loop $forever (br $forever))
+    (i32.const 0)))
+"""

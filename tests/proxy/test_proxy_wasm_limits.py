@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_plugins import wasmplugin_yaml, write_module
+from proxy_plugins import looping_plugin_wat, wasmplugin_yaml, write_module
 from proxy_testsupport import EchoServer, LoopThread, StartProxy, request, simple_config
 
 from wasmesh.proxy.cli import RunConfigSource, register, wasm_limits_from_flags
@@ -21,28 +21,6 @@ from wasmesh.proxy.workers import FileConfigSource, StartupWasmLimitsSource, mak
 from wasmesh.proxy.xds import WasmFilterSpec, XdsOptions
 from wasmesh.runtime.plugin import PluginSpec
 from wasmesh.runtime.runtime import Runtime
-
-# A plugin whose request-headers callback never returns (memory size in 64 KiB pages is a parameter,
-# so the same module also shows the memory limit at instantiation).
-_LOOPING_PLUGIN = """(module
-  (memory (export "memory") {pages})
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "malloc") (param $size i32) (result i32)
-    (local $ptr i32)
-    (local.set $ptr (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (local.get $ptr))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_log") (param i32))
-  (func (export "proxy_on_delete") (param i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (loop $forever (br $forever))
-    (i32.const 0)))
-"""
 
 
 def _minimal(**extra: Any) -> dict[str, Any]:
@@ -223,7 +201,7 @@ def _two_listeners(upstream_port: int, plugin_file: Path, wasm: dict[str, Any]) 
 def test_runaway_plugin_is_stopped_by_the_configured_deadline(
     start_proxy: StartProxy, echo: EchoServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = write_module(tmp_path, "loop", _LOOPING_PLUGIN.format(pages=2))
+    module = write_module(tmp_path, "loop", looping_plugin_wat(pages=2))
     plugin_file = tmp_path / "loop.yaml"
     plugin_file.write_text(wasmplugin_yaml("loop", module, fail_strategy="FAIL_CLOSE"))
     with caplog.at_level(logging.ERROR):
@@ -244,7 +222,7 @@ def test_memory_limit_stops_a_plugin_that_needs_more(
     loop_thread: LoopThread, echo: EchoServer, tmp_path: Path
 ) -> None:
     pages_for_2_mib = 2 * MIB // 65536
-    module = write_module(tmp_path, "big", _LOOPING_PLUGIN.format(pages=pages_for_2_mib))
+    module = write_module(tmp_path, "big", looping_plugin_wat(pages=pages_for_2_mib))
     plugin_file = tmp_path / "big.yaml"
     plugin_file.write_text(wasmplugin_yaml("big", module))
     config = parse_config(_two_listeners(echo.port, plugin_file, {"memory_limit_mib": 1}))

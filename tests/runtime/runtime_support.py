@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import wasmtime
 
-from wasmesh.http.filter import StreamInfo
+from wasmesh.http.filter import FilterHeadersStatus, StreamInfo
 from wasmesh.http.headers import HeaderMap
 from wasmesh.runtime import HttpCallResponse
 from wasmesh.runtime.plugin import WasmPlugin
@@ -230,3 +230,16 @@ class LogRecorder:
 def request(path: bytes = b"/p?q=1", extra: list[tuple[bytes, bytes]] | None = None) -> HeaderMap:
     return HeaderMap([(b":method", b"GET"), (b":path", path), (b":authority", b"example.com"),
                       (b":scheme", b"http"), *(extra or [])])
+
+
+def run_request(filt: object) -> tuple[FilterHeadersStatus, FakeCallbacks]:
+    """One request's headers through a plugin filter (or its FAIL_CLOSE stand-in), then on_log/on_destroy."""
+    from wasmesh.runtime.plugin import FailClosedFilter, WasmHttpFilter
+
+    assert isinstance(filt, WasmHttpFilter | FailClosedFilter)
+    callbacks = FakeCallbacks()
+    filt.set_callbacks(callbacks)
+    status = filt.decode_headers(request(), True)
+    filt.on_log()
+    filt.on_destroy()
+    return status, callbacks

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from runtime_support import FakeCallbacks, build_module, request
+from runtime_support import build_module, run_request
 
 from wasmesh.http.filter import FilterHeadersStatus
 from wasmesh.runtime import FailurePolicy, PluginSpec, Runtime
-from wasmesh.runtime.plugin import FailClosedFilter, WasmHttpFilter
 from wasmesh.runtime.runtime import FAILURES_METRIC
 
 ROOT = """
@@ -34,16 +33,6 @@ def misbehaving_module(behaviour: str) -> bytes:
   (i32.const 0))
 """
     return build_module(body)
-
-
-def run_request(filt: object) -> tuple[FilterHeadersStatus, FakeCallbacks]:
-    assert isinstance(filt, WasmHttpFilter | FailClosedFilter)
-    callbacks = FakeCallbacks()
-    filt.set_callbacks(callbacks)
-    status = filt.decode_headers(request(), True)
-    filt.on_log()
-    filt.on_destroy()
-    return status, callbacks
 
 
 def spec(behaviour: str, policy: FailurePolicy) -> PluginSpec:

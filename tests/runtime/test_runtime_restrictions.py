@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import wasmtime
-from runtime_support import FakeCallbacks, LogRecorder, request
+from runtime_support import FakeCallbacks, LogRecorder, run_request
 
 from wasmesh.http.filter import FilterHeadersStatus
 from wasmesh.runtime import FailurePolicy, PluginSpec, Runtime
@@ -49,12 +49,7 @@ def module(mode: int, init: str = "") -> bytes:
 def run_headers(runtime: Runtime, spec: PluginSpec) -> tuple[FilterHeadersStatus, FakeCallbacks]:
     filt = runtime.load_plugin(spec).create_filter()
     assert isinstance(filt, WasmHttpFilter)
-    callbacks = FakeCallbacks()
-    filt.set_callbacks(callbacks)
-    status = filt.decode_headers(request(), True)
-    filt.on_log()
-    filt.on_destroy()
-    return status, callbacks
+    return run_request(filt)
 
 
 def test_logging_inside_malloc_is_allowed(runtime: Runtime, logs: LogRecorder) -> None:
