@@ -37,6 +37,28 @@ class FilterTrailersStatus(IntEnum):
     STOP_ITERATION = 1
 
 
+@dataclass(frozen=True)
+class TlsInfo:
+    """The downstream TLS session of one connection, in the forms Envoy's ``connection.*`` attributes use.
+
+    Built once per connection when the handshake completes, shared by its exchanges.
+    Subjects are RFC 2253 strings ("CN=client,O=example"); SAN tuples keep certificate order
+    (the attributes expose the first entry); the digest is lower-case hex of the DER peer cert.
+    """
+
+    version: str  # "TLSv1.2" / "TLSv1.3", as Envoy (and OpenSSL) print it
+    requested_server_name: str = ""  # SNI; "" when the client sent none
+    # connection.mtls; a listener with client_ca only accepts verified certificates.
+    peer_certificate_presented: bool = False
+    subject_peer_certificate: str = ""
+    uri_san_peer_certificate: tuple[str, ...] = ()
+    dns_san_peer_certificate: tuple[str, ...] = ()
+    sha256_peer_certificate_digest: str = ""
+    subject_local_certificate: str = ""
+    uri_san_local_certificate: tuple[str, ...] = ()
+    dns_san_local_certificate: tuple[str, ...] = ()
+
+
 @dataclass
 class StreamInfo:
     """Facts about one HTTP exchange, read by Proxy-Wasm properties and access logs.
@@ -71,6 +93,8 @@ class StreamInfo:
     route_metadata: dict[str, Any] = field(default_factory=dict)
     cluster_metadata: dict[str, Any] = field(default_factory=dict)
     listener_metadata: dict[str, Any] = field(default_factory=dict)
+    # The downstream TLS session; None on a plaintext connection.
+    tls: TlsInfo | None = None
 
 
 class FilterCallbacks(Protocol):

@@ -8,6 +8,7 @@ See docs/proxy-config.md for the documented format.
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,35 @@ class VirtualHostConfig:
 
 
 @dataclass(frozen=True)
+class CertificateNames:
+    """What the ``connection.*`` attributes show of a certificate: RFC 2253 subject and SANs."""
+
+    subject: str = ""
+    dns_sans: tuple[str, ...] = ()
+    uri_sans: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """A listener's TLS termination (Envoy's DownstreamTlsContext, reduced to what a gateway needs).
+
+    ``context`` is built (files read, PEM checked, key matched) when the config loads, so a bad
+    certificate is a config error and never replaces a working configuration on reload.
+    """
+
+    certificate: str  # resolved path of the PEM certificate chain
+    private_key: str
+    context: ssl.SSLContext = field(compare=False, repr=False)
+    client_ca: str | None = None  # set: clients must present a certificate this CA verifies (mTLS)
+    alpn: tuple[str, ...] = ()
+    local: CertificateNames = field(default_factory=CertificateNames)
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca is not None
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     address: str
@@ -87,6 +117,14 @@ class ListenerConfig:
     use_remote_address: bool = True
     generate_request_id: bool = True
     direction: int = 0  # envoy TrafficDirection: 0 unspecified, 1 inbound, 2 outbound
+    tls: TlsConfig | None = None  # None: plaintext HTTP/1.1
+
+    @property
+    def tls_mode(self) -> str:
+        """"plaintext", "tls" or "mtls": a change of mode needs a new listening socket (restart)."""
+        if self.tls is None:
+            return "plaintext"
+        return "mtls" if self.tls.mutual else "tls"
 
 
 @dataclass(frozen=True)
@@ -395,10 +433,127 @@ def _parse_virtual_host(raw: object, ctx: ConfigContext, path: str, index: int) 
     )
 
 
+# OpenSSL's short names, which Envoy's RFC 2253 subjects use; Python's ssl reports the long ones.
+_RDN_SHORT_NAMES = {
+    "commonName": "CN",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "domainComponent": "DC",
+    "streetAddress": "street",
+    "userId": "UID",
+    "givenName": "GN",
+    "surname": "SN",
+}
+
+
+def _escape_rdn_value(value: str) -> str:
+    escaped = "".join("\\" + ch if ch in ',+"\\<>;' else ch for ch in value)
+    if escaped.startswith(("#", " ")):
+        escaped = "\\" + escaped
+    if escaped.endswith(" ") and not escaped.endswith("\\ "):
+        escaped = escaped[:-1] + "\\ "
+    return escaped
+
+
+def certificate_names(decoded: dict[str, Any]) -> CertificateNames:
+    """Subject (RFC 2253: most specific RDN first, e.g. "CN=client,O=example") and SANs of a
+    certificate as Python's ssl module decodes it (``getpeercert()``)."""
+    rdns = decoded.get("subject", ())
+    subject = ",".join(
+        "+".join(f"{_RDN_SHORT_NAMES.get(k, k)}={_escape_rdn_value(v)}" for k, v in rdn)
+        for rdn in reversed(rdns)
+    )
+    sans = decoded.get("subjectAltName", ())
+    return CertificateNames(
+        subject=subject,
+        dns_sans=tuple(v for k, v in sans if k == "DNS"),
+        uri_sans=tuple(v for k, v in sans if k == "URI"),
+    )
+
+
+_ALPN_SERVED = ("http/1.1", "http/1.0")
+
+
+def _tls_path(d: dict[str, Any], key: str, ctx: ConfigContext, path: str, base_dir: Path) -> str:
+    target = Path(_str(d.get(key), ctx, f"{path}.{key}"))
+    if not target.is_absolute():
+        target = base_dir / target
+    if not target.is_file():
+        raise ctx.error(f"{path}.{key}", f"no such file: {target}")
+    try:
+        with open(target, "rb"):
+            pass
+    except OSError as exc:
+        raise ctx.error(f"{path}.{key}", f"cannot read {target}: {exc.strerror or exc}") from None
+    return str(target)
+
+
+def _decode_certificate(cert_path: str, ctx: ConfigContext, path: str) -> dict[str, Any]:
+    # The ssl module has no public PEM decoder; this one (used by CPython's own tests) needs no
+    # extra dependency. Without it the local-certificate attributes stay empty.
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:  # pragma: no cover - present in CPython 3.11-3.13
+        return {}
+    try:
+        decoded = decode(cert_path)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ctx.error(path, f"not a PEM certificate: {cert_path} ({_one_line(exc)})") from None
+    return decoded if isinstance(decoded, dict) else {}
+
+
+def _parse_tls(raw: object, ctx: ConfigContext, path: str, base_dir: Path) -> TlsConfig:
+    d = _mapping(raw, ctx, path)
+    _check_keys(d, {"certificate", "private_key", "client_ca", "alpn"}, ctx, path)
+    certificate = _tls_path(d, "certificate", ctx, path, base_dir)
+    private_key = _tls_path(d, "private_key", ctx, path, base_dir)
+    client_ca = _tls_path(d, "client_ca", ctx, path, base_dir) if d.get("client_ca") is not None else None
+    alpn = tuple(
+        _str(a, ctx, f"{path}.alpn[{i}]") for i, a in enumerate(_list(d.get("alpn", []), ctx, f"{path}.alpn"))
+    )
+    for i, protocol in enumerate(alpn):
+        if protocol not in _ALPN_SERVED:
+            raise ctx.error(
+                f"{path}.alpn[{i}]", f"{protocol!r} is not served (HTTP/1 only: {', '.join(_ALPN_SERVED)})"
+            )
+    local = certificate_names(_decode_certificate(certificate, ctx, f"{path}.certificate"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certificate, private_key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ctx.error(
+            f"{path}.private_key",
+            f"{private_key} is not a PEM private key matching {certificate} ({_one_line(exc)})",
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ctx.error(
+                f"{path}.client_ca", f"no PEM CA certificate in {client_ca} ({_one_line(exc)})"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return TlsConfig(
+        certificate=certificate,
+        private_key=private_key,
+        context=context,
+        client_ca=client_ca,
+        alpn=alpn,
+        local=local,
+    )
+
+
 _DIRECTIONS = {"UNSPECIFIED": 0, "INBOUND": 1, "OUTBOUND": 2}
 
 
-def _parse_listener(raw: object, ctx: ConfigContext, path: str, index: int) -> ListenerConfig:
+def _parse_listener(
+    raw: object, ctx: ConfigContext, path: str, index: int, base_dir: Path | None = None
+) -> ListenerConfig:
     d = _mapping(raw, ctx, path)
     _check_keys(
         d,
@@ -411,6 +566,7 @@ def _parse_listener(raw: object, ctx: ConfigContext, path: str, index: int) -> L
             "use_remote_address",
             "generate_request_id",
             "direction",
+            "tls",
         },
         ctx,
         path,
@@ -439,6 +595,9 @@ def _parse_listener(raw: object, ctx: ConfigContext, path: str, index: int) -> L
         use_remote_address=_bool(d.get("use_remote_address", True), ctx, f"{path}.use_remote_address"),
         generate_request_id=_bool(d.get("generate_request_id", True), ctx, f"{path}.generate_request_id"),
         direction=_DIRECTIONS[direction],
+        tls=_parse_tls(d["tls"], ctx, f"{path}.tls", base_dir or Path.cwd())
+        if d.get("tls") is not None
+        else None,
     )
 
 
@@ -535,7 +694,7 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
         "",
     )
     listeners = tuple(
-        _parse_listener(x, ctx, f"listeners[{i}]", i)
+        _parse_listener(x, ctx, f"listeners[{i}]", i, base_dir)
         for i, x in enumerate(_list(d.get("listeners"), ctx, "listeners"))
     )
     clusters = tuple(
@@ -587,6 +746,9 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
     wasm = parse_wasm_limits(d["wasm"], ctx) if d.get("wasm") is not None else WasmLimits()
     plugins, watched = _parse_plugins(d.get("plugins", []), ctx, base_dir or Path.cwd())
     node = _mapping(d.get("node", {}), ctx, "node")
+    for lst in listeners:  # a renewed certificate on disk is a reload like any config edit
+        if lst.tls is not None:
+            watched += [lst.tls.certificate, lst.tls.private_key, *filter(None, [lst.tls.client_ca])]
     return ProxyConfig(
         listeners=listeners,
         clusters=clusters,

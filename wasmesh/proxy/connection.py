@@ -4,19 +4,26 @@ A connection parses requests into ``ProxyExchange``s. HTTP/1.1 pipelining is
 honoured: a request that arrives while an earlier one is still being answered is
 recorded and replayed once the earlier response is done (reading pauses meanwhile).
 Malformed input gets a 400 and the connection closes; the worker lives on.
+
+A listener with ``tls`` terminates TLS (1.2+, HTTP/1.1 only): the handshake completes before
+``connection_made``, which records the session once as a ``TlsInfo`` for every exchange of the
+connection; plaintext connections do no TLS work at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
+import ssl
 from collections import deque
 from typing import Any, cast
 
+from wasmesh.http.filter import TlsInfo
 from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.chain import PluginChain
-from wasmesh.proxy.config import ListenerConfig
+from wasmesh.proxy.config import ListenerConfig, certificate_names
 from wasmesh.proxy.exchange import ProxyExchange
 from wasmesh.proxy.http1 import BadMessage, RequestParser, reason_phrase, simple_response
 from wasmesh.proxy.router import Router
@@ -55,6 +62,9 @@ class Listener:
         self.server: asyncio.Server | None = None
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
+        self.scheme = b"https" if config.tls is not None else b"http"
+        # The context new handshakes use; a reload swaps in a new one (renewed certificate).
+        self.tls_context: ssl.SSLContext | None = config.tls.context if config.tls is not None else None
 
     def swap_chain(self, chain: PluginChain) -> PluginChain:
         """Install ``chain`` for new exchanges; the old one is retired (freed once its exchanges end)."""
@@ -63,13 +73,28 @@ class Listener:
         return old
 
     def update_routes(self, config: ListenerConfig) -> None:
+        """New routes (and TLS certificates); the TLS mode itself only changes with a restart."""
         self.config = config
         self.router = Router(config.virtual_hosts)
+        if config.tls is not None and self.tls_context is not None:
+            self.tls_context = config.tls.context
+
+    def _on_client_hello(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, initial: ssl.SSLContext
+    ) -> None:
+        """SNI callback (runs for every ClientHello): remember the name, use the newest context."""
+        setattr(ssl_object, _SNI_ATTRIBUTE, server_name or "")
+        current = self.tls_context
+        if current is not None and current is not initial:
+            ssl_object.context = current
 
     async def start(self, reuse_port: bool = False, sock: Any = None) -> None:
+        server_ssl = self.tls_context
+        if server_ssl is not None:
+            server_ssl.sni_callback = self._on_client_hello
         if sock is not None:
             self.server = await self.loop.create_server(
-                lambda: DownstreamConnection(self), sock=sock, backlog=2048
+                lambda: DownstreamConnection(self), sock=sock, backlog=2048, ssl=server_ssl
             )
         else:
             self.server = await self.loop.create_server(
@@ -78,6 +103,7 @@ class Listener:
                 self.config.port,
                 reuse_port=reuse_port or None,
                 backlog=2048,
+                ssl=server_ssl,
             )
 
     @property
@@ -97,13 +123,37 @@ class Listener:
             c.close_if_idle()
 
 
+_SNI_ATTRIBUTE = "wasmesh_requested_server_name"
+
+
+def tls_info(ssl_object: Any, config: ListenerConfig) -> TlsInfo:
+    """The session facts plugins read (connection.* attributes), from a completed handshake."""
+    peer_der = ssl_object.getpeercert(binary_form=True)
+    peer = certificate_names(ssl_object.getpeercert() or {}) if peer_der else None
+    local = config.tls.local if config.tls is not None else None
+    return TlsInfo(
+        version=str(ssl_object.version() or ""),
+        requested_server_name=str(getattr(ssl_object, _SNI_ATTRIBUTE, "")),
+        peer_certificate_presented=peer_der is not None,
+        subject_peer_certificate=peer.subject if peer else "",
+        uri_san_peer_certificate=peer.uri_sans if peer else (),
+        dns_san_peer_certificate=peer.dns_sans if peer else (),
+        sha256_peer_certificate_digest=hashlib.sha256(peer_der).hexdigest() if peer_der else "",
+        subject_local_certificate=local.subject if local else "",
+        uri_san_local_certificate=local.uri_sans if local else (),
+        dns_san_local_certificate=local.dns_sans if local else (),
+    )
+
+
 class DownstreamConnection(asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.loop = listener.loop
         self.connection_id = next(_connection_ids)
         self.transport: asyncio.Transport | None = None
-        self.parser = RequestParser(self)
+        self.parser = RequestParser(self, listener.scheme)
+        self.scheme = listener.scheme
+        self.tls: TlsInfo | None = None
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.current: ProxyExchange | None = None  # the exchange whose response is being written
@@ -127,6 +177,10 @@ class DownstreamConnection(asyncio.Protocol):
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple):
             self.local = (str(local[0]), int(local[1]))
+        if self.listener.tls_context is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.tls = tls_info(ssl_object, self.listener.config)
         stats = self.listener.stats
         stats.cx_total += 1
         stats.cx_active += 1

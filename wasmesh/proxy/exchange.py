@@ -177,6 +177,9 @@ class ProxyExchange:
             listener_direction=cfg.direction,
             node=listener.node,
         )
+        if conn.tls is not None:
+            info.scheme = "https"
+            info.tls = conn.tls
         self.info = info
         self.request_received = end_stream
         method = headers.pairs()[0][1]
@@ -215,11 +218,11 @@ class ProxyExchange:
             else:
                 pairs.append((b"x-forwarded-for", client))
             if xfp_index >= 0:
-                pairs[xfp_index] = (b"x-forwarded-proto", b"http")
+                pairs[xfp_index] = (b"x-forwarded-proto", self.conn.scheme)
             else:
-                pairs.append((b"x-forwarded-proto", b"http"))
+                pairs.append((b"x-forwarded-proto", self.conn.scheme))
         elif xfp_index < 0:
-            pairs.append((b"x-forwarded-proto", b"http"))
+            pairs.append((b"x-forwarded-proto", self.conn.scheme))
         if not has_request_id and cfg.generate_request_id:
             pairs.append((b"x-request-id", request_ids.new_id()))
         if expect_continue:

@@ -118,13 +118,13 @@ class ProxyServer:
                 for n in set(old_by_name) | set(new_by_name)
                 if n not in old_by_name
                 or n not in new_by_name
-                or (old_by_name[n].address, old_by_name[n].port)
-                != (new_by_name[n].address, new_by_name[n].port)
+                or (old_by_name[n].address, old_by_name[n].port, old_by_name[n].tls_mode)
+                != (new_by_name[n].address, new_by_name[n].port, new_by_name[n].tls_mode)
             ]
             if moved:
                 return self._reject(
-                    f"{config.source}: listeners: adding, removing or moving a listener needs a "
-                    f"restart ({', '.join(sorted(moved))})"
+                    f"{config.source}: listeners: adding, removing, moving a listener or switching its "
+                    f"TLS mode needs a restart ({', '.join(sorted(moved))})"
                 )
             try:
                 chains = await self._build_chains(config)

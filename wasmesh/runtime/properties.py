@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wasmesh.http.filter import StreamInfo
+from wasmesh.http.filter import StreamInfo, TlsInfo
 from wasmesh.http.headers import HeaderMap
 from wasmesh.runtime.pairs import encode_pairs
 
@@ -230,15 +230,40 @@ def _peer(addr: tuple[str, int] | None, leaf: str) -> bytes | None:
     return None
 
 
+def _first(values: tuple[str, ...]) -> bytes | None:
+    return values[0].encode() if values else None
+
+
+# Envoy (context.cc): tls_version and subjects are strings whenever the connection is TLS (a subject
+# may be empty); a SAN leaf is its first entry and the digest is present only when non-empty.
+_TLS_LEAVES: dict[str, Callable[[TlsInfo], bytes | None]] = {
+    "tls_version": lambda t: t.version.encode(),
+    "subject_local_certificate": lambda t: t.subject_local_certificate.encode(),
+    "subject_peer_certificate": lambda t: t.subject_peer_certificate.encode(),
+    "uri_san_local_certificate": lambda t: _first(t.uri_san_local_certificate),
+    "uri_san_peer_certificate": lambda t: _first(t.uri_san_peer_certificate),
+    "dns_san_local_certificate": lambda t: _first(t.dns_san_local_certificate),
+    "dns_san_peer_certificate": lambda t: _first(t.dns_san_peer_certificate),
+    "sha256_peer_certificate_digest": lambda t: t.sha256_peer_certificate_digest.encode() or None,
+}
+
+
 def _connection(info: StreamInfo | None, leaf: str) -> bytes | None:
     if info is None:
         return None
     if leaf == "id":
         return _u64(info.connection_id)
+    tls = info.tls
     if leaf == "mtls":
-        return _bool(False)
-    if leaf in ("requested_server_name", "termination_details", "transport_failure_reason"):
+        return _bool(tls is not None and tls.peer_certificate_presented)
+    if leaf == "requested_server_name":
+        return tls.requested_server_name.encode() if tls is not None else b""
+    if leaf in ("termination_details", "transport_failure_reason"):
         return b""
+    if tls is not None:
+        extract = _TLS_LEAVES.get(leaf)
+        if extract is not None:
+            return extract(tls)
     return None
 
 
