@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from wasmesh.http.filter import FilterCallbacks
 from wasmesh.http.headers import HeaderMap
@@ -40,6 +40,13 @@ class PluginIdentity:
 
 class Context:
     """Base context: only the VM-wide scratch (callout responses, call data)."""
+
+    __slots__ = ("vm", "id", "created", "_source")  # RootContext (no __slots__) gets a __dict__
+
+    vm: PluginVm
+    id: int
+    created: bool
+    _source: PropertySource | None
 
     def __init__(self, vm: PluginVm, context_id: int) -> None:
         self.vm = vm
@@ -136,9 +143,28 @@ class RootContext(Context):
         return super().buffer(buffer_type)
 
 
-class StreamHooks(Protocol):
-    """What a stream context needs from its filter; the filter implements it."""
+# Plain ints: compared on every header host call.
+_REQUEST_HEADERS = int(MapType.HTTP_REQUEST_HEADERS)
+_REQUEST_TRAILERS = int(MapType.HTTP_REQUEST_TRAILERS)
+_RESPONSE_HEADERS = int(MapType.HTTP_RESPONSE_HEADERS)
+_RESPONSE_TRAILERS = int(MapType.HTTP_RESPONSE_TRAILERS)
 
+
+class StreamContext(Context):
+    """One per HTTP exchange; the HTTP filter itself (plugin.WasmHttpFilter), as in Envoy, where the
+    Wasm ``Context`` is both the proxy-wasm context and the ``Http::StreamFilter``.
+
+    No constructor of its own: the filter sets every field below in one frame (one per request).
+    ``id`` stays 0 until the VM starts the context (proxy_on_context_create, on the first callback).
+    """
+
+    __slots__ = (
+        "_root", "callbacks", "request_headers", "request_trailers", "response_headers",
+        "response_trailers", "request_body", "response_body", "in_decode", "in_encode", "resume_now",
+        "local_reply_sent",
+    )  # fmt: skip
+
+    _root: RootContext
     callbacks: FilterCallbacks | None
     request_headers: HeaderMap | None
     request_trailers: HeaderMap | None
@@ -153,36 +179,19 @@ class StreamHooks(Protocol):
     resume_now: bool
     local_reply_sent: bool
 
-
-# Plain ints: compared on every header host call.
-_REQUEST_HEADERS = int(MapType.HTTP_REQUEST_HEADERS)
-_REQUEST_TRAILERS = int(MapType.HTTP_REQUEST_TRAILERS)
-_RESPONSE_HEADERS = int(MapType.HTTP_RESPONSE_HEADERS)
-_RESPONSE_TRAILERS = int(MapType.HTTP_RESPONSE_TRAILERS)
-
-
-class StreamContext(Context):
-    """One per HTTP exchange (filter instance)."""
-
-    def __init__(self, vm: PluginVm, context_id: int, root: RootContext, hooks: StreamHooks) -> None:
-        super().__init__(vm, context_id)
-        self._root = root
-        self.hooks = hooks
-
     @property
     def root(self) -> RootContext:
         return self._root
 
     def writable_header_map(self, map_type: int) -> HeaderMap | None:
-        hooks = self.hooks
         if map_type == _REQUEST_HEADERS:
-            return hooks.request_headers
+            return self.request_headers
         if map_type == _RESPONSE_HEADERS:
-            return hooks.response_headers
+            return self.response_headers
         if map_type == _REQUEST_TRAILERS:
-            return hooks.request_trailers
+            return self.request_trailers
         if map_type == _RESPONSE_TRAILERS:
-            return hooks.response_trailers
+            return self.response_trailers
         return None
 
     def header_map(self, map_type: int) -> HeaderMap | None:
@@ -191,16 +200,16 @@ class StreamContext(Context):
 
     def buffer(self, buffer_type: int) -> bytes | bytearray | None:
         if buffer_type == BufferType.HTTP_REQUEST_BODY:
-            return self.hooks.request_body
+            return self.request_body
         if buffer_type == BufferType.HTTP_RESPONSE_BODY:
-            return self.hooks.response_body
+            return self.response_body
         return super().buffer(buffer_type)
 
     def set_buffer(self, buffer_type: int, start: int, size: int, data: bytes) -> WasmResult:
         if buffer_type == BufferType.HTTP_REQUEST_BODY:
-            body = self.hooks.request_body
+            body = self.request_body
         elif buffer_type == BufferType.HTTP_RESPONSE_BODY:
-            body = self.hooks.response_body
+            body = self.response_body
         else:
             return super().set_buffer(buffer_type, start, size, data)
         if body is None:
@@ -223,24 +232,23 @@ class StreamContext(Context):
         return WasmResult.OK
 
     def _resume(self, stream_type: int) -> None:
-        hooks = self.hooks
-        if hooks.callbacks is None or hooks.local_reply_sent:
+        if self.callbacks is None or self.local_reply_sent:
             return
         if stream_type == StreamType.HTTP_REQUEST:
-            if hooks.in_decode:
-                hooks.resume_now = True
+            if self.in_decode:
+                self.resume_now = True
             else:
-                hooks.callbacks.continue_decoding()
+                self.callbacks.continue_decoding()
         else:
-            if hooks.in_encode:
-                hooks.resume_now = True
+            if self.in_encode:
+                self.resume_now = True
             else:
-                hooks.callbacks.continue_encoding()
+                self.callbacks.continue_encoding()
 
     def close_stream(self, stream_type: int) -> WasmResult:
         if stream_type > StreamType.UPSTREAM:
             return WasmResult.BAD_ARGUMENT
-        callbacks = self.hooks.callbacks
+        callbacks = self.callbacks
         if callbacks is not None:
             self.vm.defer(callbacks.reset_stream)
         return WasmResult.OK
@@ -253,15 +261,14 @@ class StreamContext(Context):
         headers: list[tuple[bytes, bytes]],
         grpc_status: int | None,
     ) -> WasmResult:
-        hooks = self.hooks
-        if hooks.callbacks is None:
+        if self.callbacks is None:
             return WasmResult.NOT_FOUND
 
         def reply() -> None:
-            if hooks.callbacks is None or hooks.local_reply_sent:
+            if self.callbacks is None or self.local_reply_sent:
                 return
-            hooks.local_reply_sent = True
-            hooks.callbacks.send_local_reply(status, body, headers, details, grpc_status)
+            self.local_reply_sent = True
+            self.callbacks.send_local_reply(status, body, headers, details, grpc_status)
 
         self.vm.defer(reply)
         # The callback's own return value is ignored from here on, as in Envoy.
@@ -269,20 +276,19 @@ class StreamContext(Context):
         return WasmResult.OK
 
     def clear_route_cache(self) -> WasmResult:
-        callbacks = self.hooks.callbacks
+        callbacks = self.callbacks
         if callbacks is not None:
             callbacks.clear_route_cache()
         return WasmResult.OK
 
     def property_source(self) -> PropertySource:
         source = super().property_source()
-        hooks = self.hooks
-        callbacks = hooks.callbacks
+        callbacks = self.callbacks
         # The stream's side changes as the exchange moves on: refresh it on every read.
         source.stream_info = callbacks.stream_info if callbacks is not None else None
-        source.request_headers = hooks.request_headers
-        source.response_headers = hooks.response_headers
-        source.response_trailers = hooks.response_trailers
+        source.request_headers = self.request_headers
+        source.response_headers = self.response_headers
+        source.response_trailers = self.response_trailers
         return source
 
 

@@ -7,6 +7,7 @@ as proxy-wasm-cpp-host does (``convertVmCallResultToFilter*Status``).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.http.local_reply import LocalReplyFilter
 from wasmesh.runtime.abi import AbiVersion
 from wasmesh.runtime.contexts import RootContext, StreamContext
-from wasmesh.runtime.engine import GuestFailure, GuestFunc
+from wasmesh.runtime.engine import GuestFailure, GuestFunc, ProcExit, _call_unchecked, _set_epoch_deadline
 
 if TYPE_CHECKING:
     from wasmesh.runtime.runtime import Runtime, VmSlot
@@ -105,21 +106,21 @@ _TRAILERS_CONTINUE = FilterTrailersStatus.CONTINUE
 _TRAILERS_STOP = FilterTrailersStatus.STOP_ITERATION
 
 
-class WasmHttpFilter:
-    """One Proxy-Wasm stream context driven as an Envoy HTTP filter (implements StreamHooks)."""
+class WasmHttpFilter(StreamContext):
+    """One Proxy-Wasm stream context that is itself the Envoy HTTP filter driving it."""
 
-    __slots__ = (
-        "_plugin", "_vm", "_root", "_exports", "_ctx", "_failed", "_fail_open", "_honour_stop_iteration",
-        "callbacks", "request_headers", "request_trailers", "response_headers", "response_trailers",
-        "request_body", "response_body", "in_decode", "in_encode", "resume_now", "local_reply_sent",
-    )  # fmt: skip
+    __slots__ = ("_plugin", "_vm", "_exports", "_failed", "_fail_open", "_honour_stop_iteration")
 
     def __init__(self, plugin: WasmPlugin, vm: PluginVm, root: RootContext) -> None:
+        # Every field of Context and StreamContext set here, in one frame: this runs per request.
+        self.vm = vm
+        self.id = 0  # given by the VM on the first callback (PluginVm.add_stream)
+        self.created = False
+        self._source = None
+        self._root = root
         self._plugin = plugin
         self._vm = vm
-        self._root = root
         self._exports = vm.stream_exports
-        self._ctx: StreamContext | None = None
         self._failed = False
         self._fail_open = plugin.spec.failure_policy == FailurePolicy.FAIL_OPEN
         self._honour_stop_iteration = vm.abi == AbiVersion.V0_2_100
@@ -137,7 +138,7 @@ class WasmHttpFilter:
 
     @property
     def context_id(self) -> int:
-        return self._ctx.id if self._ctx is not None else 0
+        return self.id
 
     def set_callbacks(self, callbacks: FilterCallbacks) -> None:
         self.callbacks = callbacks
@@ -148,19 +149,71 @@ class WasmHttpFilter:
 
         The stream context is created (proxy_on_context_create) before the first callback,
         exported or not, as Envoy does.
+
+        PluginVm.call and GuestFunc.__call__, written out in this one frame: every stream
+        callback of every request comes through here, and each Python frame costs about as
+        much as the wasm crossing itself. Keep in step with those two (engine.py, vm.py).
         """
         if self._failed:
             return None
+        vm = self._vm
+        if not self.id:
+            vm.add_stream(self)
+            create = self._exports.context_create
+            if create is not None:
+                self._call(create, self._root.id)  # the context's id is set: no recursion beyond this
+                if self._failed:
+                    return None
+            self.created = True
         try:
-            ctx = self._ctx
-            if ctx is None:
-                ctx = self._ctx = self._vm.create_stream(self._root, self)
             if fn is None:
                 return None
-            return self._vm.call(ctx, fn, ctx.id, *args)
+            if vm.failure is not None:
+                raise vm.failure
+            # PluginVm.call: this context is current and effective for the call.
+            saved_current = vm._current
+            saved_effective = vm._effective
+            vm._current = vm._effective = self
+            if saved_current is None:
+                vm.local_reply_in_call = False
+            try:
+                # GuestFunc.__call__: arguments into the ValRaw slots, deadline, raw call.
+                try:
+                    fn._pack_args(fn._vals_view, 0, self.id, *args)
+                except struct.error:  # another arity (ABI 0.1.0 callbacks)
+                    fn._set_args((self.id, *args))
+                inst = fn._inst
+                depth = inst._depth
+                if depth == 0:
+                    now = inst._clock.now
+                    if now != inst._armed_at:
+                        _set_epoch_deadline(inst._ctx_p, inst._deadline_ticks_c)
+                        inst._armed_at = now
+                    inst._pending = None
+                inst._depth = depth + 1
+                try:
+                    error = _call_unchecked(inst._ctx_p, fn._func_p, fn._vals_p, fn._n_c, inst._trap_p)
+                finally:
+                    inst._depth = depth
+                if error or inst._trap.value:
+                    inst._raise_failure(error)
+                # Stream callbacks return i32 or nothing.
+                result = fn._i32[0] if fn._result == "i32" else 0
+            except ProcExit as exc:
+                vm._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {fn.name}"))
+                raise vm.failure from None  # type: ignore[misc]
+            except GuestFailure as exc:
+                vm._fail(exc)
+                raise
+            finally:
+                vm._current = saved_current
+                vm._effective = saved_effective
+            if saved_current is None and vm._deferred:
+                vm._run_deferred()
+            return result
         except GuestFailure as failure:
             self._failed = True
-            self._plugin.runtime.report_failure(self._vm, failure)
+            self._plugin.runtime.report_failure(vm, failure)
             if not self._fail_open and self.callbacks is not None and not self.local_reply_sent:
                 self.local_reply_sent = True
                 self.callbacks.send_local_reply(503, b"", [], FAIL_STREAM_DETAILS)
@@ -263,16 +316,10 @@ class WasmHttpFilter:
         self._call(self._exports.log)
 
     def on_destroy(self) -> None:
-        ctx = self._ctx
-        if ctx is not None and not self._failed and self._vm.failure is None:
-            self._call(self._exports.done)
-            if not self._failed:
-                try:
-                    self._vm.delete_context(ctx)
-                except GuestFailure as failure:
-                    self._failed = True
-                    self._plugin.runtime.report_failure(self._vm, failure)
-        elif ctx is not None:
-            self._vm.contexts.pop(ctx.id, None)
-        self._ctx = None
+        if self.id:  # the context was started
+            if not self._failed and self._vm.failure is None:
+                self._call(self._exports.done)
+                if self.created:  # PluginVm.delete_context, through the one-frame call path
+                    self._call(self._exports.delete)
+            self._vm.contexts.pop(self.id, None)
         self.callbacks = None

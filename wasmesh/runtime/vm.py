@@ -22,7 +22,6 @@ from wasmesh.runtime.contexts import (
     PluginIdentity,
     RootContext,
     StreamContext,
-    StreamHooks,
 )
 from wasmesh.runtime.engine import (
     CompiledModule,
@@ -275,15 +274,12 @@ class PluginVm:
         root.created = True
         return root
 
-    def create_stream(self, root: RootContext, hooks: StreamHooks) -> StreamContext:
+    def add_stream(self, ctx: StreamContext) -> None:
+        """Give a new stream context (the filter itself) its id; the filter then runs
+        proxy_on_context_create through its own one-frame call path (plugin.WasmHttpFilter._call)."""
         self._next_context_id += 1
-        ctx = StreamContext(self, self._next_context_id, root, hooks)
+        ctx.id = self._next_context_id
         self.contexts[ctx.id] = ctx
-        create = self.stream_exports.context_create
-        if create is not None:
-            self.call(ctx, create, ctx.id, root.id)
-        ctx.created = True
-        return ctx
 
     def start_root(self, root: RootContext) -> tuple[bool, str]:
         """on_vm_start then on_configure; (False, which) if either refused.
