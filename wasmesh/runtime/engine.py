@@ -75,6 +75,11 @@ _memory_data.restype = ctypes.c_void_p
 _define_unchecked = _LIB.wasmtime_linker_define_func_unchecked
 _define_unchecked.restype = ctypes.c_void_p
 
+# The two raw entry points of a guest call, for the one caller that writes GuestFunc.__call__
+# out in its own frame (wasmesh.runtime.plugin.WasmHttpFilter._call, once per stream callback).
+call_unchecked = _call_unchecked
+set_epoch_deadline = _set_epoch_deadline
+
 # wasmtime_func_unchecked_callback_t with the ValRaw array as a plain address.
 _HOST_CALLBACK_T = ctypes.CFUNCTYPE(
     ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
@@ -370,7 +375,7 @@ class GuestFunc:
 
     __slots__ = (
         "name", "signature", "_inst", "_func", "_func_p", "_vals", "_vals_p", "_vals_view", "_n_c",
-        "_pack_args", "_u32", "_i32", "_i64", "_result",
+        "_pack_args", "_u32", "_i32", "_i64", "_result", "_raw", "_returns_i32", "_result_i32",
     )  # fmt: skip
 
     def __init__(self, inst: WasmInstance, name: str, func: wasmtime.Func, signature: FuncSig) -> None:
@@ -391,6 +396,10 @@ class GuestFunc:
         self._i32 = (ctypes.c_int32 * (4 * slots)).from_buffer(self._vals)
         self._i64 = (ctypes.c_int64 * (2 * slots)).from_buffer(self._vals)
         self._result: ValKind | None = signature.results[0] if signature.results else None
+        # Everything wasmtime_func_call_unchecked takes, in order: one tuple, no attribute loads per call.
+        self._raw = (inst._ctx_p, self._func_p, self._vals_p, self._n_c, inst._trap_p)
+        self._returns_i32 = self._result == "i32"
+        self._result_i32 = self._vals_view.cast("i")  # slot 0's i32 is element 0 (faster than ctypes)
 
     @property
     def arity(self) -> int:
@@ -422,14 +431,14 @@ class GuestFunc:
             inst._pending = None
         inst._depth = depth + 1
         try:
-            error = _call_unchecked(inst._ctx_p, self._func_p, self._vals_p, self._n_c, inst._trap_p)
+            error = _call_unchecked(*self._raw)
         finally:
             inst._depth = depth
         if error or inst._trap.value:
             inst._raise_failure(error)
+        if self._returns_i32:
+            return self._result_i32[0]
         result = self._result
-        if result == "i32":
-            return self._i32[0]
         if result is None:
             return 0
         if result == "i64":

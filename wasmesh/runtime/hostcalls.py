@@ -192,11 +192,17 @@ class HostCalls:
         headers = ctx.writable_header_map(map_type)
         if headers is None:
             return BAD_ARGUMENT
-        read = vm.instance.read
-        key = read(key_ptr, key_len)
-        value = read(val_ptr, val_len)
-        if key is None or value is None:
-            return INVALID_MEMORY_ACCESS
+        inst = vm.instance
+        view = inst._view
+        if view is not None and key_ptr + key_len <= inst._mem_size and val_ptr + val_len <= inst._mem_size:
+            # WasmInstance.read twice, written out (headers change on nearly every request).
+            key = view[key_ptr : key_ptr + key_len].tobytes()
+            value = view[val_ptr : val_ptr + val_len].tobytes()
+        else:
+            maybe_key, maybe_value = inst.read(key_ptr, key_len), inst.read(val_ptr, val_len)
+            if maybe_key is None or maybe_value is None:
+                return INVALID_MEMORY_ACCESS
+            key, value = maybe_key, maybe_value
         change(headers, key, value)
         return OK
 

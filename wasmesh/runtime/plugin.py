@@ -23,7 +23,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.http.local_reply import LocalReplyFilter
 from wasmesh.runtime.abi import AbiVersion
 from wasmesh.runtime.contexts import RootContext, StreamContext
-from wasmesh.runtime.engine import GuestFailure, GuestFunc, ProcExit, _call_unchecked, _set_epoch_deadline
+from wasmesh.runtime.engine import GuestFailure, GuestFunc, ProcExit, call_unchecked, set_epoch_deadline
 
 if TYPE_CHECKING:
     from wasmesh.runtime.runtime import Runtime, VmSlot
@@ -187,18 +187,18 @@ class WasmHttpFilter(StreamContext):
                 if depth == 0:
                     now = inst._clock.now
                     if now != inst._armed_at:
-                        _set_epoch_deadline(inst._ctx_p, inst._deadline_ticks_c)
+                        set_epoch_deadline(inst._ctx_p, inst._deadline_ticks_c)
                         inst._armed_at = now
                     inst._pending = None
                 inst._depth = depth + 1
                 try:
-                    error = _call_unchecked(inst._ctx_p, fn._func_p, fn._vals_p, fn._n_c, inst._trap_p)
+                    error = call_unchecked(*fn._raw)
                 finally:
                     inst._depth = depth
                 if error or inst._trap.value:
                     inst._raise_failure(error)
                 # Stream callbacks return i32 or nothing.
-                result = fn._i32[0] if fn._result == "i32" else 0
+                result = fn._result_i32[0] if fn._returns_i32 else 0
             except ProcExit as exc:
                 vm._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {fn.name}"))
                 raise vm.failure from None  # type: ignore[misc]
@@ -221,6 +221,9 @@ class WasmHttpFilter(StreamContext):
 
     def _stopped_by_failure(self) -> bool:
         return self._failed and not self._fail_open
+
+    def _stopped_by_reply_or_failure(self) -> bool:
+        return self.local_reply_sent or (self._failed and not self._fail_open)
 
     def _headers_status(self, result: int | None) -> FilterHeadersStatus:
         if self.local_reply_sent or (self._failed and not self._fail_open):
@@ -276,15 +279,23 @@ class WasmHttpFilter(StreamContext):
             result = self._call(self._exports.request_headers, len(headers), end_stream)
         finally:
             self.in_decode = False
+        if result == 0 and not self.local_reply_sent and not self._failed:
+            return _HEADERS_CONTINUE  # the usual answer, without the _headers_status frame
         return self._headers_status(result)
 
     def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.request_body = data
-        return self._data_status(self._decode(self._exports.request_body, len(data), end_stream))
+        fn = self._exports.request_body
+        if fn is None and self.id:  # nothing to call (header-only plugins): what _call(None) would give
+            return _DATA_STOP_NO_BUFFER if self._stopped_by_reply_or_failure() else _DATA_CONTINUE
+        return self._data_status(self._decode(fn, len(data), end_stream))
 
     def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
         self.request_trailers = trailers
-        return self._trailers_status(self._decode(self._exports.request_trailers, len(trailers)))
+        fn = self._exports.request_trailers
+        if fn is None and self.id:
+            return _TRAILERS_STOP if self._stopped_by_reply_or_failure() else _TRAILERS_CONTINUE
+        return self._trailers_status(self._decode(fn, len(trailers)))
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         self.response_headers = headers
@@ -301,12 +312,16 @@ class WasmHttpFilter(StreamContext):
 
     def encode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.response_body = data
+        if self._exports.response_body is None and self.id:
+            return _DATA_CONTINUE  # nothing to call, and a reply or failure passes encoders anyway
         passthrough = self.local_reply_sent or self._stopped_by_failure()
         status = self._data_status(self._encode(self._exports.response_body, len(data), end_stream))
         return _DATA_CONTINUE if passthrough else status
 
     def encode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
         self.response_trailers = trailers
+        if self._exports.response_trailers is None and self.id:
+            return _TRAILERS_CONTINUE
         passthrough = self.local_reply_sent or self._stopped_by_failure()
         status = self._trailers_status(self._encode(self._exports.response_trailers, len(trailers)))
         return _TRAILERS_CONTINUE if passthrough else status

@@ -1,0 +1,103 @@
+"""The written-out paths of the hottest calls behave as the general ones: header changes read guest
+memory with bounds checks, and a plugin without body/trailer callbacks leaves bodies alone."""
+
+from __future__ import annotations
+
+import wasmtime
+from runtime_support import FakeCallbacks, request
+
+from wasmesh.http.filter import FilterDataStatus, FilterHeadersStatus, FilterTrailersStatus
+from wasmesh.http.headers import HeaderMap
+from wasmesh.runtime import FailurePolicy, PluginSpec, Runtime
+from wasmesh.runtime.abi import WasmResult
+from wasmesh.runtime.plugin import WasmHttpFilter
+
+# on_request_headers: add (or replace) a header whose key starts at $key_ptr, then record the
+# result code as the value of x-result (one ASCII digit).
+MODULE = """(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "x-added")
+  (data (i32.const 200) "yes")
+  (data (i32.const 300) "x-result")
+  (global $heap (mut i32) (i32.const 0x4000))
+  (func (export "malloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $r i32)
+    (local.set $r
+      (call $CHANGE (i32.const 0) (i32.const KEY_PTR) (i32.const 7) (i32.const 200) (i32.const 3)))
+    (i32.store8 (i32.const 400) (i32.add (i32.const 48) (local.get $r)))
+    (drop (call $add (i32.const 0) (i32.const 300) (i32.const 8) (i32.const 400) (i32.const 1)))
+    (i32.const 0)))
+"""
+
+
+def load(runtime: Runtime, key_ptr: int, change: str = "add") -> WasmHttpFilter:
+    wat = MODULE.replace("KEY_PTR", str(key_ptr)).replace("CHANGE", change)
+    spec = PluginSpec(name=f"{change}-{key_ptr}", module=bytes(wasmtime.wat2wasm(wat)),
+                      failure_policy=FailurePolicy.FAIL_CLOSE)
+    filt = runtime.load_plugin(spec).create_filter()
+    assert isinstance(filt, WasmHttpFilter)
+    filt.set_callbacks(FakeCallbacks())
+    return filt
+
+
+def result_of(headers: HeaderMap) -> WasmResult:
+    value = headers.get(b"x-result")
+    assert value is not None
+    return WasmResult(int(value))
+
+
+def test_header_change_inside_memory(runtime: Runtime) -> None:
+    for change in ("add", "replace"):
+        filt = load(runtime, 100, change)
+        headers = request()
+        assert filt.decode_headers(headers, True) == FilterHeadersStatus.CONTINUE
+        assert result_of(headers) == WasmResult.OK
+        assert headers.get_all(b"x-added") == [b"yes"]
+
+
+def test_header_change_past_the_end_of_memory_is_refused(runtime: Runtime) -> None:
+    # The key straddles the end of the single 64 KiB page, and one starts beyond it.
+    for key_ptr in (65536 - 3, 65536 + 10):
+        for change in ("add", "replace"):
+            filt = load(runtime, key_ptr, change)
+            headers = request()
+            assert filt.decode_headers(headers, True) == FilterHeadersStatus.CONTINUE
+            assert result_of(headers) == WasmResult.INVALID_MEMORY_ACCESS
+            assert headers.get(b"x-added") is None
+
+
+def test_plugin_without_body_callbacks_passes_bodies_and_trailers(runtime: Runtime) -> None:
+    filt = load(runtime, 100)
+    assert filt.decode_headers(request(), False) == FilterHeadersStatus.CONTINUE
+    assert filt.decode_data(bytearray(b"chunk"), False) == FilterDataStatus.CONTINUE
+    assert filt.decode_trailers(HeaderMap([(b"t", b"1")])) == FilterTrailersStatus.CONTINUE
+    response = HeaderMap([(b":status", b"200")])
+    assert filt.encode_headers(response, False) == FilterHeadersStatus.CONTINUE
+    assert filt.encode_data(bytearray(b"body"), False) == FilterDataStatus.CONTINUE
+    assert filt.encode_trailers(HeaderMap([(b"t", b"2")])) == FilterTrailersStatus.CONTINUE
+    filt.on_log()
+    filt.on_destroy()
+
+
+def test_plugin_without_body_callbacks_holds_a_request_body_after_its_local_reply(runtime: Runtime) -> None:
+    # Once the plugin has sent a local reply (marked directly here), later request chunks stop at
+    # the plugin exactly as they do when the body callback exists (_data_status).
+    filt = load(runtime, 100)
+    callbacks = FakeCallbacks()
+    filt.set_callbacks(callbacks)
+    assert filt.decode_headers(request(), False) == FilterHeadersStatus.CONTINUE
+    filt.local_reply_sent = True
+    assert filt.decode_data(bytearray(b"chunk"), False) == FilterDataStatus.STOP_ITERATION_NO_BUFFER
+    assert filt.decode_trailers(HeaderMap([(b"t", b"1")])) == FilterTrailersStatus.STOP_ITERATION
+    filt.on_log()
+    filt.on_destroy()
