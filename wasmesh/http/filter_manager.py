@@ -359,8 +359,8 @@ class FilterManager:
         self.stream_info = stream_info
         self._sink = sink
         self.buffer_limit = buffer_limit
-        self._request = _Direction(is_request=True)
-        self._response = _Direction(is_request=False)
+        self._request = _Direction(True)
+        self._response = _Direction(False)
         self._filters: list[HttpFilter] = []
         self._chain_created = False
         self._depth = 0

@@ -270,9 +270,9 @@ class StreamContext(Context):
             self.local_reply_sent = True
             self.callbacks.send_local_reply(status, body, headers, details, grpc_status)
 
+        # Sent once the callback returns; the callback's own return value is then ignored, as in
+        # Envoy (the filter's status reads local_reply_sent, set by reply()).
         self.vm.defer(reply)
-        # The callback's own return value is ignored from here on, as in Envoy.
-        self.vm.local_reply_in_call = True
         return WasmResult.OK
 
     def clear_route_cache(self) -> WasmResult:

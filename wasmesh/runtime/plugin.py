@@ -174,8 +174,6 @@ class WasmHttpFilter(StreamContext):
             saved_current = vm._current
             saved_effective = vm._effective
             vm._current = vm._effective = self
-            if saved_current is None:
-                vm.local_reply_in_call = False
             try:
                 # GuestFunc.__call__: arguments into the ValRaw slots, deadline, raw call.
                 try:

@@ -159,7 +159,6 @@ class PluginVm:
         self.http_call_response: HttpCallResponse | None = None
         self.call_data: bytes | None = None
         self.in_configure = False
-        self.local_reply_in_call = False
         self.closed = False
         self.contexts: dict[int, Context] = {}
         self._next_context_id = 0
@@ -353,8 +352,6 @@ class PluginVm:
         saved_current = self._current
         saved_effective = self._effective
         self._current = self._effective = ctx
-        if saved_current is None:
-            self.local_reply_in_call = False
         try:
             result = fn(*args)
         except ProcExit as exc:
