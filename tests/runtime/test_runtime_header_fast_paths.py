@@ -3,8 +3,7 @@ memory with bounds checks, and a plugin without body/trailer callbacks leaves bo
 
 from __future__ import annotations
 
-import wasmtime
-from runtime_support import FakeCallbacks, request
+from runtime_support import FakeCallbacks, build_module, request
 
 from wasmesh.http.filter import FilterDataStatus, FilterHeadersStatus, FilterTrailersStatus
 from wasmesh.http.headers import HeaderMap
@@ -13,37 +12,26 @@ from wasmesh.runtime.abi import WasmResult
 from wasmesh.runtime.plugin import WasmHttpFilter
 
 # on_request_headers: add (or replace) a header whose key starts at $key_ptr, then record the
-# result code as the value of x-result (one ASCII digit).
-MODULE = """(module
-  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 100) "x-added")
-  (data (i32.const 200) "yes")
-  (data (i32.const 300) "x-result")
-  (global $heap (mut i32) (i32.const 0x4000))
-  (func (export "malloc") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
+# result code as the value of x-result (one ASCII digit). One 64 KiB page of memory.
+BODY = """
   (func (export "proxy_on_context_create") (param i32 i32))
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (local $r i32)
-    (local.set $r
-      (call $CHANGE (i32.const 0) (i32.const KEY_PTR) (i32.const 7) (i32.const 200) (i32.const 3)))
+    (local.set $r (call $proxy_CHANGE_header_map_value
+      (i32.const 0) (i32.const KEY_PTR) (i32.const 7) (i32.const 200) (i32.const 3)))
     (i32.store8 (i32.const 400) (i32.add (i32.const 48) (local.get $r)))
-    (drop (call $add (i32.const 0) (i32.const 300) (i32.const 8) (i32.const 400) (i32.const 1)))
-    (i32.const 0)))
+    (drop (call $proxy_add_header_map_value
+      (i32.const 0) (i32.const 300) (i32.const 8) (i32.const 400) (i32.const 1)))
+    (i32.const 0))
 """
+DATA = {100: b"x-added", 200: b"yes", 300: b"x-result"}
 
 
 def load(runtime: Runtime, key_ptr: int, change: str = "add") -> WasmHttpFilter:
-    wat = MODULE.replace("KEY_PTR", str(key_ptr)).replace("CHANGE", change)
-    spec = PluginSpec(name=f"{change}-{key_ptr}", module=bytes(wasmtime.wat2wasm(wat)),
-                      failure_policy=FailurePolicy.FAIL_CLOSE)
+    body = BODY.replace("KEY_PTR", str(key_ptr)).replace("CHANGE", change)
+    module = build_module(body, abi="0_2_1", data=DATA, memory_pages=1)
+    spec = PluginSpec(name=f"{change}-{key_ptr}", module=module, failure_policy=FailurePolicy.FAIL_CLOSE)
     filt = runtime.load_plugin(spec).create_filter()
     assert isinstance(filt, WasmHttpFilter)
     filt.set_callbacks(FakeCallbacks())
