@@ -3,7 +3,7 @@ memory with bounds checks, and a plugin without body/trailer callbacks leaves bo
 
 from __future__ import annotations
 
-from runtime_support import FakeCallbacks, build_module, request
+from runtime_support import RET_PTR, FakeCallbacks, build_module, request, returned_bytes, slot
 
 from wasmesh.http.filter import FilterDataStatus, FilterHeadersStatus, FilterTrailersStatus
 from wasmesh.http.headers import HeaderMap
@@ -89,3 +89,32 @@ def test_plugin_without_body_callbacks_holds_a_request_body_after_its_local_repl
     assert filt.decode_trailers(HeaderMap([(b"t", b"1")])) == FilterTrailersStatus.STOP_ITERATION
     filt.on_log()
     filt.on_destroy()
+
+
+# A value handed to the plugin (copy_out): written with its address in one call, or not at all.
+COPY_OUT_BODY = """
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $save (i32.const 0) (call $proxy_get_header_map_value
+      (i32.const 0) (i32.const 100) (i32.const 5) (i32.const PTR_PTR) (i32.const RET_SIZE)))
+    (i32.const 0))
+"""
+
+
+def test_value_and_its_address_are_written_together(runtime: Runtime) -> None:
+    for ptr_ptr, expected in ((RET_PTR, WasmResult.OK), (65536 - 2, WasmResult.INVALID_MEMORY_ACCESS)):
+        body = COPY_OUT_BODY.replace("PTR_PTR", str(ptr_ptr)).replace("RET_SIZE", str(RET_PTR + 4))
+        module = build_module(body, abi="0_2_1", data={100: b":path"}, memory_pages=1)
+        plugin = runtime.load_plugin(PluginSpec(name=f"copy-out-{ptr_ptr}", module=module))
+        filt = plugin.create_filter()
+        assert isinstance(filt, WasmHttpFilter)
+        filt.set_callbacks(FakeCallbacks())
+        filt.decode_headers(request(b"/copied"), True)
+        assert slot(plugin, 0) == expected
+        if expected == WasmResult.OK:
+            assert returned_bytes(plugin.vm) == b"/copied"
+        else:  # nothing was written: not even the size
+            assert plugin.vm.instance.read_u32(RET_PTR + 4) == 0
+        filt.on_log()
+        filt.on_destroy()

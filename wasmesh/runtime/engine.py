@@ -706,6 +706,19 @@ class WasmInstance:
         view[ptr : ptr + size] = data
         return True
 
+    def write_with_address(self, ptr: int, data: bytes | bytearray, ptr_ptr: int, size_ptr: int) -> bool:
+        """``data`` at ptr, then ptr and len(data) as u32 at ptr_ptr and size_ptr, in one call (how every
+        value is handed to a plugin); False, with nothing written, if any of it is out of bounds."""
+        size = len(data)
+        end = max(ptr + size, ptr_ptr + 4, size_ptr + 4)
+        view = self._view if end <= self._mem_size else self._view_for(end)
+        if view is None:
+            return False
+        view[ptr : ptr + size] = data
+        _pack_u32(view, ptr_ptr, ptr & _MASK32)
+        _pack_u32(view, size_ptr, size & _MASK32)
+        return True
+
     def write_u32(self, ptr: int, value: int) -> bool:
         view = self._view if ptr + 4 <= self._mem_size else self._view_for(ptr + 4)
         if view is None:

@@ -240,10 +240,9 @@ class PluginVm:
             ok = inst.write_u32(ptr_ptr, 0) and inst.write_u32(size_ptr, 0)
             return WasmResult.OK if ok else WasmResult.INVALID_MEMORY_ACCESS
         ptr = self.allocate(len(data))
-        if ptr == 0 or not inst.write(ptr, data):
+        if ptr == 0 or not inst.write_with_address(ptr, data, ptr_ptr, size_ptr):
             return WasmResult.INVALID_MEMORY_ACCESS
-        ok = inst.write_u32(ptr_ptr, ptr) and inst.write_u32(size_ptr, len(data))
-        return WasmResult.OK if ok else WasmResult.INVALID_MEMORY_ACCESS
+        return WasmResult.OK
 
     # -- logging ----------------------------------------------------------------------
     def log(self, level: int, message: str) -> None:
