@@ -208,10 +208,16 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def run_wrk(url: str, duration: int, connections: int, threads: int) -> WrkResult:
+def run_wrk(
+    url: str, duration: int, connections: int, threads: int, cpus: set[int] | None = None
+) -> WrkResult:
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, preexec_fn=pin,
     ).stdout  # fmt: skip
     return parse_wrk(out)
 
@@ -468,6 +474,7 @@ class LatencyTarget:
     scenario: Scenario
     url: str
     pid: int
+    pinned: bool = False  # --pin: the proxy on PROXY_CPUS, its wrk on CLIENT_CPUS
     runs: list[WrkResult] = field(default_factory=list)
     cpu_us_per_request: list[float] = field(default_factory=list)  # by round; empty without /proc
 
@@ -497,10 +504,33 @@ def process_cpu_ns(pid: int) -> int | None:
     return total
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` and of its child processes to ``cpus`` (threads started later
+    inherit it from the thread that starts them)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+            children = (task / "children").read_text().split()
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            pin_process(int(child), cpus)
+
+
+# Latency mode with --pin: the proxy under test on one core, wrk and the echo upstream on the other,
+# so the two sides of each request do not take turns on one core at the scheduler's whim.
+PROXY_CPUS = {0}
+CLIENT_CPUS = {1}
+
+
 def measured_run(target: LatencyTarget, duration: int) -> None:
     """One wrk -t1 -c1 run, plus the proxy's own CPU time per request over the same run."""
     before = process_cpu_ns(target.pid)
-    result = run_wrk(target.url, duration, 1, 1)
+    result = run_wrk(target.url, duration, 1, 1, CLIENT_CPUS if target.pinned else None)
     after = process_cpu_ns(target.pid)
     target.runs.append(result)
     if before is not None and after is not None and result.requests:
@@ -538,7 +568,7 @@ def visiting_order(targets: list[LatencyTarget], round_index: int) -> list[Laten
 
 
 def measure_latency(
-    work: Path, echo_port: int, scenarios: list[Scenario], duration: int, rounds: int
+    work: Path, echo_port: int, scenarios: list[Scenario], duration: int, rounds: int, pin: bool = False
 ) -> list[LatencyTarget]:
     """All 1-worker proxies up at once; wrk -t1 -c1 on one at a time, interleaved over rounds."""
     running: list[subprocess.Popen[bytes]] = []
@@ -550,7 +580,9 @@ def measure_latency(
             for name, starter in PROXIES:
                 proc, port = starter(work, echo_port, scenario.plugins, 1)
                 running.append(proc)
-                targets.append(LatencyTarget(name, scenario, f"http://127.0.0.1:{port}/", proc.pid))
+                if pin:
+                    pin_process(proc.pid, PROXY_CPUS)
+                targets.append(LatencyTarget(name, scenario, f"http://127.0.0.1:{port}/", proc.pid, pin))
         for target in targets:
             check_proxy(target.proxy, target.url, target.scenario)
             run_wrk(target.url, 1, 1, 1)  # warm-up: connection pools, VMs, caches
@@ -647,6 +679,10 @@ def main() -> int:
     parser.add_argument("--latency-rounds", type=int, default=7, help="interleaved rounds (median taken)")
     parser.add_argument("--no-go", action="store_true", help="leave out the Go transformer plugin scenario")
     parser.add_argument(
+        "--pin", action="store_true",
+        help="latency mode: each proxy on CPU 0, wrk and the echo upstream on CPU 1 (needs 2 CPUs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--write-docs", action="store_true", help="write both tables into docs/performance.md"
     )
     args = parser.parse_args()
@@ -671,7 +707,11 @@ def main() -> int:
         if args.mode in ("both", "throughput"):
             throughput = measure_throughput(work, echo_port, scenarios, args)
         if args.mode in ("both", "latency"):
-            targets = measure_latency(work, echo_port, scenarios, args.latency_duration, args.latency_rounds)
+            if args.pin:
+                pin_process(echo.pid, CLIENT_CPUS)
+            targets = measure_latency(
+                work, echo_port, scenarios, args.latency_duration, args.latency_rounds, args.pin
+            )
             latency = latency_rows(targets)
             print("\n".join(latency), flush=True)
     finally:
