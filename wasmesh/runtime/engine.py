@@ -7,9 +7,12 @@ crossing instead of the ~10–25 µs of wasmtime-py's public call API:
   callback per imported function reads ``wasmtime_val_raw_t`` arguments directly;
 * exports are called with ``wasmtime_func_call_unchecked`` through preallocated
   ``ValRaw`` arrays and cached function handles;
-* both go through ctypes prototypes without ``argtypes`` and with every pointer
-  argument prebuilt once per instance, so a call converts nothing (~1 µs instead of
-  ~3.5 µs through wasmtime-py's typed bindings);
+* both crossings have two implementations ("crossings"): the C extension
+  ``wasmesh.runtime._fastpath`` (built at install when a C compiler is there), which
+  costs a few hundred ns a crossing, and a pure-ctypes one through prototypes without
+  ``argtypes`` and with every pointer argument prebuilt once per instance (~1–3 µs).
+  ``WasmEngine(crossing=...)`` picks one; by default the C one when it is built and
+  ``WASMESH_PURE_PYTHON`` is not ``1``. The runtime test suite runs against both;
 * linear memory is reached through a base pointer taken once: the engine is built
   with ``memory_may_move = False``, so growth never relocates a memory and only the
   cached size needs refreshing, when an access falls beyond it.
@@ -75,10 +78,39 @@ _memory_data.restype = ctypes.c_void_p
 _define_unchecked = _LIB.wasmtime_linker_define_func_unchecked
 _define_unchecked.restype = ctypes.c_void_p
 
-# The two raw entry points of a guest call, for the one caller that writes GuestFunc.__call__
-# out in its own frame (wasmesh.runtime.plugin.WasmHttpFilter._call, once per stream callback).
-call_unchecked = _call_unchecked
+# The deadline entry point, for the one caller that writes GuestFunc.__call__ out in its own
+# frame (wasmesh.runtime.plugin.WasmHttpFilter._call, once per stream callback).
 set_epoch_deadline = _set_epoch_deadline
+
+Crossing = Literal["c", "ctypes"]
+PURE_PYTHON_ENV = "WASMESH_PURE_PYTHON"
+
+
+def _load_fastpath() -> Any | None:
+    """The C crossings bound to the wasmtime library loaded above, or None if not built."""
+    try:
+        from wasmesh.runtime import _fastpath
+    except ImportError:
+        return None
+    def address(function: Any) -> int:
+        return ctypes.cast(function, ctypes.c_void_p).value or 0
+
+    _fastpath.bind(address(_LIB.wasmtime_func_call_unchecked), address(_LIB.wasm_trap_new))
+    return _fastpath
+
+
+_FASTPATH = _load_fastpath()
+
+
+def available_crossings() -> tuple[Crossing, ...]:
+    """The crossings this installation has: "ctypes" always, "c" when the extension was built."""
+    return ("c", "ctypes") if _FASTPATH is not None else ("ctypes",)
+
+
+def default_crossing() -> Crossing:
+    if _FASTPATH is None or os.environ.get(PURE_PYTHON_ENV) == "1":
+        return "ctypes"
+    return "c"
 
 # wasmtime_func_unchecked_callback_t with the ValRaw array as a plain address.
 _HOST_CALLBACK_T = ctypes.CFUNCTYPE(
@@ -87,6 +119,10 @@ _HOST_CALLBACK_T = ctypes.CFUNCTYPE(
 _VAL_RAW_SIZE = ctypes.sizeof(raw.wasmtime_val_raw_t)  # 16: every slot is a v128
 # How one argument sits in its ValRaw slot (little-endian, low bytes first).
 _SLOT_FORMAT: dict[str, str] = {"i32": "I12x", "i64": "q8x", "f32": "f12x", "f64": "d8x"}
+
+# How the C crossing names parameter and result kinds (see _fastpath.c).
+_KIND_CODE: dict[str, str] = {"i32": "i", "i64": "I", "f32": "f", "f64": "F"}
+_RESULT_CODE: dict[str | None, int] = {None: 0, "i32": 1, "i64": 2, "f32": 3, "f64": 4}
 
 _RESULT_PACK: dict[str, struct.Struct] = {
     kind: struct.Struct("<" + code) for kind, code in (("i32", "I"), ("i64", "q"), ("f32", "f"), ("f64", "d"))
@@ -265,7 +301,17 @@ class _EpochTicker:
 class WasmEngine:
     """A wasmtime Engine with a compile cache (memory + disk) and an epoch ticker."""
 
-    def __init__(self, cache_dir: str | None = None, epoch_tick_s: float = 0.05) -> None:
+    def __init__(
+        self, cache_dir: str | None = None, epoch_tick_s: float = 0.05, crossing: Crossing | None = None
+    ) -> None:
+        if crossing is None:
+            crossing = default_crossing()
+        elif crossing not in available_crossings():
+            raise ValueError(
+                f"crossing {crossing!r} is not available here (have: {', '.join(available_crossings())});"
+                " the C one is built by 'pip install' when a C compiler and Python headers are present"
+            )
+        self.crossing: Crossing = crossing
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
@@ -375,7 +421,8 @@ class GuestFunc:
 
     __slots__ = (
         "name", "signature", "_inst", "_func", "_func_p", "_vals", "_vals_p", "_vals_view", "_n_c",
-        "_pack_args", "_u32", "_i32", "_i64", "_result", "_raw", "_returns_i32", "_result_i32",
+        "_pack_args", "_u32", "_i32", "_i64", "_result", "_call_raw", "_raw", "_returns_i32",
+        "_result_i32",
     )  # fmt: skip
 
     def __init__(self, inst: WasmInstance, name: str, func: wasmtime.Func, signature: FuncSig) -> None:
@@ -396,8 +443,17 @@ class GuestFunc:
         self._i32 = (ctypes.c_int32 * (4 * slots)).from_buffer(self._vals)
         self._i64 = (ctypes.c_int64 * (2 * slots)).from_buffer(self._vals)
         self._result: ValKind | None = signature.results[0] if signature.results else None
-        # Everything wasmtime_func_call_unchecked takes, in order: one tuple, no attribute loads per call.
-        self._raw = (inst._ctx_p, self._func_p, self._vals_p, self._n_c, inst._trap_p)
+        # The crossing, and everything wasmtime_func_call_unchecked takes in order: one tuple, no
+        # attribute loads per call (ctypes objects for the ctypes crossing, addresses for C's).
+        self._call_raw: Callable[..., int | None]
+        if inst.crossing == "c":
+            self._call_raw = _FASTPATH.call  # type: ignore[union-attr]
+            self._raw: tuple[Any, ...] = (
+                inst._ctx_p.value, self._func_p.value, self._vals_p.value, slots, inst._trap_p.value,
+            )  # fmt: skip
+        else:
+            self._call_raw = _call_unchecked
+            self._raw = (inst._ctx_p, self._func_p, self._vals_p, self._n_c, inst._trap_p)
         self._returns_i32 = self._result == "i32"
         self._result_i32 = self._vals_view.cast("i")  # slot 0's i32 is element 0 (faster than ctypes)
 
@@ -431,7 +487,7 @@ class GuestFunc:
             inst._pending = None
         inst._depth = depth + 1
         try:
-            error = _call_unchecked(*self._raw)
+            error = self._call_raw(*self._raw)
         finally:
             inst._depth = depth
         if error or inst._trap.value:
@@ -458,6 +514,7 @@ class WasmInstance:
         on_link_mismatch: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.crossing = engine.crossing
         self.compiled = compiled
         self.memory_limit_bytes = memory_limit_bytes
         self._store = wasmtime.Store(engine.engine)
@@ -528,14 +585,34 @@ class WasmInstance:
     # -- linking -------------------------------------------------------------------
     def _define(self, linker: wasmtime.Linker, host: HostFunc) -> None:
         functype = host.signature.functype()
-        callback = _HOST_CALLBACK_T(self._trampoline(host))
+        python_callback = self._trampoline(host)
+        callback: Any
+        env: Any = None
+        if self.crossing == "c":
+            # The C callback unpacks the arguments, calls impl and packs its result; the Python
+            # trampoline still serves restricted phases, and reports failures.
+            where = f"{host.module}.{host.name}"
+            binding = (
+                host.impl,
+                "".join(_KIND_CODE[k] for k in host.signature.params).encode(),
+                _RESULT_CODE[host.signature.results[0] if host.signature.results else None],
+                self,
+                lambda args: python_callback(None, None, args, 0),
+                lambda exc: self._host_failure(where, exc),
+            )
+            _FASTPATH.check_binding(binding)  # type: ignore[union-attr]
+            callback = _VOID_P(_FASTPATH.host_callback_address())  # type: ignore[union-attr]
+            env = _VOID_P(id(binding))
+            self._keepalive.append(binding)
+        else:
+            callback = _HOST_CALLBACK_T(python_callback)
         module_b = host.module.encode()
         name_b = host.name.encode()
         linker_p = _VOID_P(ctypes.cast(linker.ptr(), ctypes.c_void_p).value)
         functype_p = _VOID_P(ctypes.cast(functype.ptr(), ctypes.c_void_p).value)
         error = _define_unchecked(
             linker_p, module_b, ctypes.c_size_t(len(module_b)), name_b, ctypes.c_size_t(len(name_b)),
-            functype_p, callback, None, _NO_FINALIZER,
+            functype_p, callback, env, _NO_FINALIZER,
         )
         if error:
             message = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, _ERROR_PTR))

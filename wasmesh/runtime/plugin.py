@@ -23,7 +23,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.http.local_reply import LocalReplyFilter
 from wasmesh.runtime.abi import AbiVersion
 from wasmesh.runtime.contexts import RootContext, StreamContext
-from wasmesh.runtime.engine import GuestFailure, GuestFunc, ProcExit, call_unchecked, set_epoch_deadline
+from wasmesh.runtime.engine import GuestFailure, GuestFunc, ProcExit, set_epoch_deadline
 
 if TYPE_CHECKING:
     from wasmesh.runtime.runtime import Runtime, VmSlot
@@ -190,7 +190,7 @@ class WasmHttpFilter(StreamContext):
                     inst._pending = None
                 inst._depth = depth + 1
                 try:
-                    error = call_unchecked(*fn._raw)
+                    error = fn._call_raw(*fn._raw)
                 finally:
                     inst._depth = depth
                 if error or inst._trap.value:

@@ -12,7 +12,7 @@ from typing import Any
 
 from wasmesh.runtime.abi import LogLevel
 from wasmesh.runtime.contexts import PluginIdentity
-from wasmesh.runtime.engine import GuestFailure, ModuleLoadError, WasmEngine
+from wasmesh.runtime.engine import Crossing, GuestFailure, ModuleLoadError, WasmEngine
 from wasmesh.runtime.metrics import MetricsRegistry
 from wasmesh.runtime.plugin import FailurePolicy, PluginLoadError, PluginSpec, WasmPlugin
 from wasmesh.runtime.shared import PROCESS_SHARED_DATA, PROCESS_SHARED_QUEUES, SharedData, SharedQueues
@@ -73,8 +73,9 @@ class Runtime:
         startup_deadline_ms: int = 5000,
         reload_backoff_s: float = 1.0,
         epoch_tick_s: float = 0.05,
+        crossing: Crossing | None = None,
     ) -> None:
-        self.engine = WasmEngine(compile_cache_dir, epoch_tick_s=epoch_tick_s)
+        self.engine = WasmEngine(compile_cache_dir, epoch_tick_s=epoch_tick_s, crossing=crossing)
         self.metrics = MetricsRegistry()
         self.shared_data: SharedData = PROCESS_SHARED_DATA
         self.shared_queues: SharedQueues = PROCESS_SHARED_QUEUES
