@@ -722,6 +722,12 @@ def main() -> int:
     return 0
 
 
+CROSSING_NOTE = {
+    "c": "the C extension wasmesh.runtime._fastpath",
+    "ctypes": "pure ctypes: the C extension is not built or WASMESH_PURE_PYTHON=1",
+}
+
+
 def plugins_description(scenarios: Sequence[Scenario], args: argparse.Namespace) -> str:
     """What the scenarios run, for the text above the tables."""
     text = (
@@ -751,6 +757,8 @@ def write_docs(
     scenarios: Sequence[Scenario],
     doc: Path = REPO / "docs" / "performance.md",
 ) -> None:
+    from wasmesh.runtime.engine import default_crossing  # what the proxies it started ran (same env)
+
     cpu = os.cpu_count()
     body = "\n".join(
         [
@@ -780,7 +788,12 @@ def write_docs(
             "the proxy process's own CPU time per request over the same runs (Linux schedstat), the "
             "per-request cost independent of how much of it overlaps with wrk and the upstream on the "
             "other core (work after the response is written, such as on_log, adds CPU but little "
-            "latency at 1 connection).",
+            "latency at 1 connection)." + (
+                " Pinned (--pin): each proxy on CPU 0, wrk and the echo upstream on CPU 1, so the proxy "
+                "under test never shares its core with the client."
+                if args.pin else ""
+            )
+            + f" wasmesh crossing: {default_crossing()} ({CROSSING_NOTE[default_crossing()]}).",
             "",
             *latency,
             "",

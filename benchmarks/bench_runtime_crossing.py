@@ -6,8 +6,9 @@ host→wasm: calling a guest export ``add(i32, i32) -> i32``.
 wasm→host: a guest loop calling a proxy-wasm-shaped import ``(5 × i32) -> i32`` N times
 (the loop's own cost is measured separately with a no-import loop and subtracted).
 
-"raw" is wasmesh.runtime.engine (``wasmtime_func_call_unchecked`` /
-``wasmtime_linker_define_func_unchecked``); "public" is wasmtime-py's
+"c" and "ctypes" are wasmesh.runtime.engine's two crossings over wasmtime's raw entry points
+(``wasmtime_func_call_unchecked`` / ``wasmtime_linker_define_func_unchecked``): the C extension
+``wasmesh.runtime._fastpath`` and the pure-ctypes fallback; "public" is wasmtime-py's
 ``Func.__call__`` / ``Linker.define_func``. Absolute numbers are noisy on shared
 machines; the ratio is the point.
 """
@@ -20,7 +21,7 @@ import time
 
 import wasmtime
 
-from wasmesh.runtime.engine import HostFunc, WasmEngine, WasmInstance, sig
+from wasmesh.runtime.engine import Crossing, HostFunc, WasmEngine, WasmInstance, available_crossings, sig
 
 WAT = """(module
   (import "env" "host5" (func $host5 (param i32 i32 i32 i32 i32) (result i32)))
@@ -46,9 +47,9 @@ def _per_call_us(start: float, iterations: int) -> float:
     return (time.perf_counter() - start) / iterations * 1e6
 
 
-def bench_raw(iterations: int) -> tuple[float, float]:
+def bench_raw(iterations: int, crossing: Crossing) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as cache:
-        engine = WasmEngine(cache_dir=cache)
+        engine = WasmEngine(cache_dir=cache, crossing=crossing)
         try:
             compiled = engine.compile(bytes(wasmtime.wat2wasm(WAT)))
             host = HostFunc("env", "host5", sig("iiiii", "i"), _host5)
@@ -100,12 +101,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=20_000)
     args = parser.parse_args()
-    raw_in, raw_out = bench_raw(args.iterations)
-    pub_in, pub_out = bench_public(args.iterations)
+    crossings = available_crossings()
+    raw = {crossing: bench_raw(args.iterations, crossing) for crossing in crossings}
+    public = bench_public(args.iterations)
     print(f"wasmtime-py crossing cost, {args.iterations} calls each (µs per crossing)")
-    print(f"{'direction':<34}{'raw (wasmesh)':>15}{'public API':>13}{'ratio':>8}")
-    print(f"{'host→wasm  add(i32,i32)->i32':<34}{raw_in:>15.2f}{pub_in:>13.2f}{pub_in / raw_in:>7.1f}x")
-    print(f"{'wasm→host  (5×i32)->i32':<34}{raw_out:>15.2f}{pub_out:>13.2f}{pub_out / raw_out:>7.1f}x")
+    print(f"{'direction':<32}" + "".join(f"{c:>10}" for c in crossings) + f"{'public API':>12}{'ratio':>8}")
+    for index, label in enumerate(("host→wasm  add(i32,i32)->i32", "wasm→host  (5×i32)->i32")):
+        cells = "".join(f"{raw[c][index]:>10.2f}" for c in crossings)
+        best = raw[crossings[0]][index]
+        print(f"{label:<32}{cells}{public[index]:>12.2f}{public[index] / best:>7.1f}x")
     return 0
 
 
