@@ -129,6 +129,14 @@ def test_float_arguments_and_results(instance: tuple[WasmInstance, Host]) -> Non
         f64(0, 0)
 
 
+def test_an_f32_result_out_of_range_is_a_host_error(instance: tuple[WasmInstance, Host]) -> None:
+    inst, host = instance
+    host.answer = 1e300  # no f32 can hold it: both crossings refuse rather than pass inf
+    with pytest.raises(GuestFailure) as failure:
+        call(inst, "call_f32", 0)
+    assert failure.value.reason == "host_error"
+
+
 def test_no_result(instance: tuple[WasmInstance, Host]) -> None:
     inst, host = instance
     host.answer = 12345  # ignored: the import returns nothing

@@ -29,6 +29,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <float.h>
+#include <math.h>
 
 typedef void *(*call_unchecked_fn)(void *ctx, void *func, void *vals, size_t n, void **trap);
 typedef void *(*trap_new_fn)(const char *message, size_t len);
@@ -187,7 +189,10 @@ static void *host_call(PyObject *binding, unsigned char *slots) {
         break;
     }
     case 3: {
-        float v = returned == Py_None ? 0.0f : (float)PyFloat_AsDouble(returned);
+        double d = returned == Py_None ? 0.0 : PyFloat_AsDouble(returned);
+        if (isfinite(d) && (d > FLT_MAX || d < -FLT_MAX)) /* as struct.pack("f") refuses it */
+            PyErr_SetString(PyExc_OverflowError, "float too large for an f32 result");
+        float v = (float)d;
         memcpy(slots, &v, 4);
         break;
     }
