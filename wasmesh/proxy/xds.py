@@ -15,7 +15,9 @@ Three layers, kept apart:
   *before* it is ACKed (inside the client's `validate` hook, as Envoy applies before ACKing), so a
   plugin that fails to load NACKs the update (`RejectUpdate`, one line) and the last good config
   keeps serving. Unlike `ProxyServer.apply_config` (files: fixed listener set), listeners come and
-  go here: new ones are bound, removed ones stop accepting and drain.
+  go here: new ones are bound, removed ones stop accepting and drain. An update is all or nothing: a
+  listener that cannot bind NACKs it (naming listener, address and errno text), and every listener of
+  the last good state keeps serving — also one whose port the update had to free (it is bound again).
 
 Warming: a listener that exists keeps serving its previous routes and chain while its new version
 warms; a new listener is not bound until everything it references has arrived.
@@ -597,6 +599,19 @@ def _describe(spec: FilterSpec) -> dict[str, object]:
 # --------------------------------------------------------------------------- applying
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _port_taken(config: ListenerConfig, wanted: Sequence[tuple[str, int]]) -> bool:
+    """Whether a listener bound as `config` holds a port that one of `wanted` must bind."""
+    if config.port == 0:
+        return False
+    return any(
+        port == config.port and (address == config.address or {address, config.address} & set(_WILDCARDS))
+        for address, port in wanted
+    )
+
+
 @dataclass
 class _Installed:
     plan: ListenerPlan
@@ -744,40 +759,52 @@ class XdsProxy:
                 target[name] = self.installed[name].plan
         server.generation += 1
         generation = server.generation
+        moved = {
+            name
+            for name, lp in target.items()
+            if name in self.installed
+            and (lp.config.address, lp.config.port)
+            != (self.installed[name].plan.config.address, self.installed[name].plan.config.port)
+        }
+        removed = (set(self.installed) - set(target)) | moved
+        to_bind = [name for name in target if name not in self.installed or name in moved]
+        # All or nothing: a removed (or moved) listener keeps serving until the update commits. Only one
+        # whose port a listener of this update binds closes first; if the update fails it is bound again.
+        wanted = [(target[name].config.address, target[name].config.port) for name in to_bind]
+        must_free = sorted(name for name in removed if _port_taken(self.installed[name].plan.config, wanted))
         new_chains: dict[str, PluginChain] = {}
         bound: dict[str, Listener] = {}
+        freed: list[str] = []
         try:
             for name, listener_plan in target.items():
-                current = self.installed.get(name)
-                if current is None or current.plan.filters != listener_plan.filters:
+                # A listener bound anew (also a moved one) gets its own chain; the old one drains with it.
+                if name in to_bind or self.installed[name].plan.filters != listener_plan.filters:
                     new_chains[name] = await self.builder.build_filters(listener_plan.filters, generation)
-            moved = {
-                name
-                for name, lp in target.items()
-                if name in self.installed
-                and (lp.config.address, lp.config.port)
-                != (self.installed[name].plan.config.address, self.installed[name].plan.config.port)
-            }
-            removed = (set(self.installed) - set(target)) | moved
-            # A moved listener's old socket must close before the new one binds the same port.
-            for name in removed:
-                self._remove_listener(name)
-            for name, listener_plan in target.items():
-                if name in self.installed:
-                    continue
-                listener = Listener(listener_plan.config, server.clusters, server.stats, self.node, loop)
+            for name in must_free:
+                server.listeners[name].stop_accepting()
+                freed.append(name)
+            for name in to_bind:
+                config = target[name].config
+                listener = Listener(config, server.clusters, server.stats, self.node, loop)
                 listener.chain = new_chains[name]
-                await listener.start(reuse_port=server.reuse_port)
+                try:
+                    await listener.start(reuse_port=server.reuse_port)
+                except OSError as exc:
+                    raise XdsConfigError(
+                        f"listener {name}: cannot listen on {config.address}:{config.port}: "
+                        f"{os.strerror(exc.errno) if exc.errno else one_line(exc)}"
+                    ) from None
                 bound[name] = listener
         except BaseException:
-            for name, chain in new_chains.items():
-                if name not in bound:
-                    chain.retire()
             for listener in bound.values():
                 listener.stop_accepting()
-                listener.chain.retire()
+            for chain in new_chains.values():
+                chain.retire()
+            await self._restore(freed)
             self.server.stats.config_reload_failed += 1
             raise
+        for name in removed:
+            self._remove_listener(name)
         server.clusters.update(plan.clusters)
         for name, listener_plan in target.items():
             if name in bound:
@@ -807,6 +834,16 @@ class XdsProxy:
             or "none",
             f"; warming {', '.join(sorted(plan.warming))}" if plan.warming else "",
         )
+
+    async def _restore(self, names: Sequence[str]) -> None:
+        """Bind again the listeners a failed update had closed: the last good listeners keep serving."""
+        for name in names:
+            listener = self.server.listeners[name]
+            try:
+                await listener.start(reuse_port=self.server.reuse_port)
+            except OSError as exc:
+                # Someone took the port meanwhile: nothing can serve it; say so, keep the rest.
+                log.error("listener %s: cannot listen again after a rejected update: %s", name, one_line(exc))
 
     def _remove_listener(self, name: str) -> None:
         listener = self.server.listeners.pop(name, None)
