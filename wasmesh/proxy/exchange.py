@@ -244,12 +244,17 @@ class ProxyExchange:
         if previous is not None and not self.done and self.fm is not None:
             self.fm.on_request_data(previous, False)
 
-    def request_complete(self, had_body: bool) -> None:
+    def request_complete(self, had_body: bool, trailers: HeaderMap | None = None) -> None:
         self.request_received = True
         last, self.held_request_body = self.held_request_body, None
         if self.done or self.fm is None:
             return
-        if had_body:
+        if trailers is not None:  # a chunked body's trailers end the stream, as in Envoy's codec
+            if last:
+                self.fm.on_request_data(last, False)
+            if not self.done and self.fm is not None:
+                self.fm.on_request_trailers(trailers)
+        elif had_body:
             self.fm.on_request_data(last or b"", True)
 
     def downstream_reset(self) -> None:
@@ -418,6 +423,7 @@ class ProxyExchange:
             self.fm.on_response_data(previous, False)
 
     def on_response_complete(self) -> None:
+        trailers = self.upstream.parser.trailers if self.upstream is not None else None
         self._upstream_done(clean=True)
         if self.done or self.fm is None:
             return
@@ -425,6 +431,12 @@ class ProxyExchange:
         if held is not None:
             self.held_response_headers = None
             self.fm.on_response_headers(held, True)
+        elif trailers is not None:
+            last, self.held_body = self.held_body, None
+            if last:
+                self.fm.on_response_data(last, False)
+            if not self.done and self.fm is not None:
+                self.fm.on_response_trailers(trailers)
         elif self.response_body_expected:
             last, self.held_body = self.held_body, None
             self.fm.on_response_data(last or b"", True)
