@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +149,52 @@ def test_update_giving_a_port_to_b_is_rolled_back_when_c_cannot_bind(
         assert chain_of(port_b) is None and chain_of(port_c) is None
     finally:
         proxy.stop()
+
+
+def test_wasmesh_proxy_xds_process_rolls_back_a_failed_listener_update(
+    tmp_path: Path, control_plane: ControlPlane, mark_plugin: Path, echo_port: int, taken_port: int
+) -> None:
+    """The same rollback in a `wasmesh proxy --xds` process (uvloop), watched through its admin API."""
+    api = control_plane.api_port
+    port_a, port_b, port_c, admin_port = free_port(), free_port(), free_port(), free_port()
+    api_call(api, "apply", _workload({"a": port_a, "b": port_b, "c": port_c}, echo_port))
+    api_call(api, "apply", wasmplugin_yaml("mark", f"file://{mark_plugin}", {"id": "m"}))
+    log_path = tmp_path / "proxy.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wasmesh", "proxy", "--xds", f"127.0.0.1:{control_plane.xds_port}",
+             "--node-id", "web-1", "--labels", "app=web", "--admin", f"127.0.0.1:{admin_port}"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        eventually(lambda: chain_of(port_c) == ["m"], timeout=60, what=f"a, b and c serving ({log_path})")
+        before = metric_value(api, LDS_REJECTS)
+
+        # b takes a's port (a is closed first), c moves to a taken one: the update is rejected and undone.
+        api_call(api, "apply", _workload({"b": port_a, "c": taken_port}, echo_port))
+        eventually(lambda: metric_value(api, LDS_REJECTS) == before + 1, what="LDS NACK counted")
+
+        dump = _admin_json(admin_port, "/config_dump")
+        assert dump["xds"]["last_error"] == (
+            f"listener c: cannot listen on 127.0.0.1:{taken_port}: Address already in use"
+        )
+        listeners = {entry["name"]: entry["address"] for entry in dump["listeners"]}
+        assert listeners == {
+            "a": f"127.0.0.1:{port_a}",
+            "b": f"127.0.0.1:{port_b}",
+            "c": f"127.0.0.1:{port_c}",
+        }
+        assert [chain_of(port) for port in (port_a, port_b, port_c)] == [["m"], ["m"], ["m"]]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, log_path.read_text()[-2000:]
+
+
+def _admin_json(port: int, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return dict(json.loads(response.read()))
