@@ -371,7 +371,7 @@ class ProxyExchange:
         # A pooled connection the server closed while idle fails before any answer; an idempotent
         # request (RFC 9110 9.2.2: a proxy must not retry others) that went out whole in this one
         # write is sent again on a fresh connection, once. Envoy answers 503 here unless a route
-        # retry policy says `reset`; wasmesh retries, as Go's and Python's HTTP clients do.
+        # retry policy says `reset`; wasmesh retries, as Go's net/http and urllib3 do.
         replayable = conn.reused and self.request_sent and self.idempotent and not self.retried
         self.replay = payload if replayable else None
         conn.write(payload)
