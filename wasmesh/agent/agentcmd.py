@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wasmesh.agent.options import CacheOptions
+from wasmesh.agent.options import CacheOptions, add_insecure_registry_flag, insecure_registries_from
 from wasmesh.agent.xdsproxy import AgentOptions, AgentServer
 
 CONVERSION_ENV = "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"
@@ -46,12 +46,10 @@ def build_options(args: argparse.Namespace, env: Mapping[str, str]) -> AgentOpti
     """Agent options from the command line and Istio's agent environment variables."""
     split_host_port(args.xds, "--xds")  # validate; grpc takes the text as is
     listen_host, listen_port = split_host_port(args.listen, "--listen")
-    overrides: dict[str, object] = {"dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir()}
-    insecure = frozenset(
-        host.strip() for value in args.insecure_registries for host in value.split(",") if host.strip()
-    )
-    if insecure:
-        overrides["insecure_registries"] = insecure
+    overrides: dict[str, object] = {
+        "dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        "insecure_registries": insecure_registries_from(args.insecure_registry, env),
+    }
     cache = CacheOptions.from_env(env, overrides=overrides)
     metrics_port: int | None = None if args.metrics_port == -1 else args.metrics_port
     if metrics_port is not None and not 0 <= metrics_port < 65536:
@@ -107,12 +105,6 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_METRICS_PORT,
         help=f"port of /metrics and /ready on the --listen host (default {DEFAULT_METRICS_PORT}; -1 = off)",
     )
-    parser.add_argument(
-        "--insecure-registries",
-        action="append",
-        default=[],
-        metavar="HOSTS",
-        help="registries reachable over plain HTTP / unverified TLS (comma-separated, repeatable, '*' = all)",
-    )
+    add_insecure_registry_flag(parser)
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(handler=run_agent)
