@@ -44,9 +44,9 @@ def add_insecure_registry_flag(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="HOST",
-        help="registry reached over plain HTTP or unverified TLS (repeatable, comma-separated, "
-        f"'*' = all); added to ${INSECURE_REGISTRIES_ENV}. localhost, 127.0.0.1, ::1 and RFC 1918 "
-        "addresses get plain HTTP after HTTPS without it",
+        help="registry reached over plain HTTP or unverified TLS (repeatable, comma lists, '*' = all; "
+        f"adds to ${INSECURE_REGISTRIES_ENV}). localhost, 127.0.0.1, ::1 and RFC 1918 addresses "
+        "need none: they get plain HTTP after HTTPS",
     )
 
 
