@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 from wasmesh.agent.options import CacheOptions, add_insecure_registry_flag, insecure_registries_from
 from wasmesh.agent.xdsproxy import AgentOptions, AgentServer
+
+log = logging.getLogger(__name__)
 
 CONVERSION_ENV = "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"
 DEFAULT_LISTEN = "127.0.0.1:15010"
@@ -75,11 +78,25 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(AgentServer(options).serve_forever())
+        asyncio.run(serve_until_signalled(AgentServer(options)))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def serve_until_signalled(agent: AgentServer) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (exit 0), as pilot-agent does on SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    try:
+        await stop.wait()
+        log.info("agent: stopping")
+    finally:
+        await agent.stop()
 
 
 def register(subparsers: Any) -> None:
