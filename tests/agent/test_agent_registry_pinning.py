@@ -32,6 +32,7 @@ from wasmesh.agent.options import CacheOptions
 pytestmark = pytest.mark.registry
 
 PushImage = Callable[..., str]
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 LINUX = {"architecture": "amd64", "os": "linux"}
 WASI = {"architecture": "wasm", "os": "wasip1"}
 
@@ -143,4 +144,22 @@ def test_hostile_registry_serving_another_manifest_for_an_index_entry_is_refused
     assert cache.metrics.remote_fetch_count.value("manifest_failure") == 1
     assert fault_proxy.manifest_gets == 2 and fault_proxy.blob_gets == 0
     assert cache.entry_count() == 0 and stored_files(cache) == []
+    cache.close()
+
+
+def test_docker_manifest_list_converted_by_skopeo_resolves_to_its_wasm_entry(
+    plain_registry: Registry, push_image: PushImage, tmp_path: Path
+) -> None:
+    entries = [(compat_image(tiny_wasm("list-linux")), LINUX), (compat_image(tiny_wasm("list-wasi")), WASI)]
+    push_image(plain_registry, "pin/list", "v1", entries, skopeo_args=("--format", "v2s2"))
+    served, content_type = registry_manifest(plain_registry, "pin/list", "v1", DOCKER_MANIFEST_LIST)
+    assert content_type.startswith(DOCKER_MANIFEST_LIST)  # skopeo converted the index
+    assert [entry["platform"] for entry in json.loads(served)["manifests"]] == [LINUX, WASI]
+    list_digest = "sha256:" + hashlib.sha256(served).hexdigest()
+    cache = fresh_cache(tmp_path)
+    path = cache.get_sync(f"oci://{plain_registry.host}/pin/list:v1")
+    assert path.read_bytes() == tiny_wasm("list-wasi")
+    assert path.name == list_digest.removeprefix("sha256:") + ".wasm"
+    assert cache.get_sync(f"oci://{plain_registry.host}/pin/list@{list_digest}") == path
+    assert cache.metrics.remote_fetch_count.value("success") == 1
     cache.close()
