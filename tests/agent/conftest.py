@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,19 +15,15 @@ from agent_testsupport import (
     start_registry,
     write_oci_layout,
 )
+from real_parts import require_binary
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-def _require(binary: str) -> None:
-    if shutil.which(binary) is None:
-        pytest.skip(f"{binary} is not installed (run scripts/install-test-deps.sh)")
 
 
 @pytest.fixture(scope="session")
 def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Registry]]:
     for binary in ("docker-registry", "skopeo", "htpasswd", "openssl"):
-        _require(binary)
+        require_binary(binary)
     started: dict[str, Registry] = {}
 
     def get(auth: str) -> Registry:
