@@ -861,10 +861,11 @@ class XdsOptions:
     labels: tuple[tuple[str, str], ...] = ()
     namespace: str = "default"
     cache_dir: str | None = None
+    insecure_registries: tuple[str, ...] = ()  # --insecure-registry and WASM_INSECURE_REGISTRIES
     wasm_limits: WasmLimits = field(default_factory=WasmLimits)
 
     def proxy(self, *, reuse_port: bool = False, worker_id: int = 0) -> XdsProxy:
-        cache = CacheConfig(dir=self.cache_dir)
+        cache = CacheConfig(dir=self.cache_dir, insecure_registries=self.insecure_registries)
         return XdsProxy(
             self.target,
             self.node_id,
