@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,19 +16,15 @@ from agent_testsupport import (
     write_oci_index_layout,
     write_oci_layout,
 )
+from real_parts import require_binary
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-def _require(binary: str) -> None:
-    if shutil.which(binary) is None:  # a missing real part fails the test, never skips it
-        pytest.fail(f"{binary} is not installed (run scripts/install-test-deps.sh)")
 
 
 @pytest.fixture(scope="session")
 def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Registry]]:
     for binary in ("docker-registry", "skopeo", "htpasswd", "openssl"):
-        _require(binary)
+        require_binary(binary)
     started: dict[str, Registry] = {}
 
     def get(auth: str) -> Registry:
@@ -51,7 +46,7 @@ def plain_registry(registry_factory: Callable[[str], Registry]) -> Registry:
 def other_loopback_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A plain-HTTP registry on 127.0.0.2: loopback, but not a name that gets plain HTTP by itself."""
     for binary in ("docker-registry", "skopeo"):
-        _require(binary)
+        require_binary(binary)
     registry = start_registry(tmp_path_factory.mktemp("registry-127.0.0.2"), "none", address="127.0.0.2")
     yield registry
     registry.stop()
