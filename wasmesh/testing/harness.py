@@ -178,6 +178,9 @@ class HttpCall:
         return _text(self.headers.get(name.encode()))
 
 
+# Where the harness's (socketless) upstream "is": upstream.address once the request leaves the chain.
+HARNESS_UPSTREAM_ADDRESS = ("127.0.0.1", 8080)
+
 # What RecordingUpstream answers by default too, so harness and Envoy runs compare equal.
 DEFAULT_UPSTREAM = Upstream(status=200, headers=[("content-type", "text/plain")], body=b"upstream-body")
 
@@ -284,6 +287,11 @@ class Exchange:
 
     # ExchangeSink: towards the upstream
     def upstream_request_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        info = self.manager.stream_info if self.manager is not None else None
+        if info is not None and info.upstream_address is None:
+            # As a proxy knows them once it has picked the upstream and connected to it.
+            info.upstream_address = HARNESS_UPSTREAM_ADDRESS
+            info.upstream_local_address = ("127.0.0.1", 30000 + info.connection_id % 20000)
         self.upstream_request = UpstreamRequest(
             method=_text(headers.get(b":method")) or "",
             path=_text(headers.get(b":path")) or "",
@@ -642,9 +650,9 @@ class PluginHarness:
             scheme=scheme,
             node=self.node,
             listener_name="harness",
+            virtual_host_name="all",
             route_name="default",
             cluster_name="upstream",
-            upstream_address=("127.0.0.1", 8080),
         )
 
     # -- time --------------------------------------------------------------------------
