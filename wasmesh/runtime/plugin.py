@@ -282,7 +282,8 @@ class WasmHttpFilter(StreamContext):
             result = self._call(self._exports.request_headers, len(headers), end_stream)
         finally:
             self.in_decode = False
-        self.request_headers_held = bool(result)  # anything but Continue (0) keeps them readable
+        # Anything but Continue keeps them readable; so does a local reply or a failure (Envoy then stops).
+        self.request_headers_held = bool(result) or self.local_reply_sent or self._failed
         if result == 0 and not self.local_reply_sent and not self._failed:
             return _HEADERS_CONTINUE  # the usual answer, without the _headers_status frame
         return self._headers_status(result)
