@@ -41,9 +41,9 @@ def test_root_context_has_plugin_and_node_but_no_stream() -> None:
     assert get(root, "plugin_vm_id") == b"vm-a"
     assert get(root, "xds.node.id") == b"node-1"
     assert get(root, "node.metadata.ISTIO_VERSION") == b"1.27"
-    for stream_only in ("request.path", "request.headers", "request.time", "response.code", "response.headers",
-                        "connection.id", "connection_id", "source.address", "upstream.address", "xds.cluster_name",
-                        "metadata"):  # fmt: skip
+    for stream_only in ("request.path", "request.headers", "request.time", "response.code",
+                        "response.headers", "connection.id", "connection_id", "source.address",
+                        "upstream.address", "xds.cluster_name", "metadata"):  # fmt: skip
         assert get(root, stream_only) is None, stream_only
     # A root context keeps its own filter state: set_property round-trips there.
     assert set_property(root, [b"counter"], b"7") and get(root, "counter") == b"7"
@@ -77,7 +77,8 @@ def test_request_attributes_from_the_header_map() -> None:
     assert get(src, "request.time") == i64(123)
     assert get(src, "request.size") == i64(5)  # content-length while the headers are readable
     assert get(src, "request.headers_bytes") == i64(headers.byte_size())
-    assert get(src, "request.total_size") == i64(2 + headers.byte_size())  # bytes received, not content-length
+    # Body bytes received so far, not the content-length.
+    assert get(src, "request.total_size") == i64(2 + headers.byte_size())
     merged = dict(decode_pairs(get(src, "request.headers") or b""))
     assert merged[b"x-multi"] == b"1,2" and merged[b":path"] == b"/a/b?x=1&y=2#frag"
     assert get(src, "request.duration") is None  # until the stream completes
@@ -185,9 +186,9 @@ def test_xds_names_metadata_and_node() -> None:
     from envoy.config.core.v3 import base_pb2
     from google.protobuf import struct_pb2
 
+    route_metadata = {"ns": {"flag": True, "n": 3, "s": "x", "list": ["a", 1], "obj": {"k": "v"}}}
     info = StreamInfo(cluster_name="up", route_name="r", virtual_host_name="vh", listener_direction=1,
-                      route_metadata={"ns": {"flag": True, "n": 3, "s": "x", "list": ["a", 1], "obj": {"k": "v"}}},
-                      dynamic_metadata={"envoy.lb": {"canary": "yes"}})  # fmt: skip
+                      route_metadata=route_metadata, dynamic_metadata={"envoy.lb": {"canary": "yes"}})
     src = source(info)
     assert get(src, "xds.cluster_name") == get(src, "cluster_name") == b"up"
     assert get(src, "xds.route_name") == get(src, "route_name") == b"r"
@@ -202,8 +203,8 @@ def test_xds_names_metadata_and_node() -> None:
     assert get(src, "route_metadata.filter_metadata.ns.flag") == b"\x01"
     assert get(src, "xds.route_metadata.filter_metadata.ns.n") == struct.pack("<d", 3.0)  # Struct numbers
     assert get(src, "xds.route_metadata.filter_metadata.ns.s") == b"x"
-    assert get(src, "xds.route_metadata.filter_metadata.ns.list") == encode_pairs([(b"a", b""),
-                                                                                  (struct.pack("<d", 1.0), b"")])
+    as_list = encode_pairs([(b"a", b""), (struct.pack("<d", 1.0), b"")])  # each element in the key slot
+    assert get(src, "xds.route_metadata.filter_metadata.ns.list") == as_list
     nested = struct_pb2.Struct()
     nested.ParseFromString(get(src, "xds.route_metadata.filter_metadata.ns.obj") or b"")
     assert dict(nested) == {"k": "v"}
