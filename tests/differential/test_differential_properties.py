@@ -416,6 +416,14 @@ SCENARIOS: dict[str, dict[str, object]] = {
         "headers": [("content-length", "0")],
         "body": b"",
     },
+    # on_request_headers pauses for an http_call (StopIteration), so the request headers stay
+    # readable to properties in every later callback; the call's answer resumes the request.
+    "held-by-http-call": {
+        "cases": "props-phases,http-call,resp-body-read",
+        "path": "/held?q=2",
+        "headers": [("x-probe-cluster", "probe_call"), ("content-type", "text/plain")],
+        "body": b"held body",
+    },
     "get-no-body": {
         "cases": "props-phases,resp-body-read",
         "path": "/plain",

@@ -180,8 +180,9 @@ class StreamContext(Context):
     resume_now: bool
     local_reply_sent: bool
     # Envoy's Wasm context lets properties read a header map during its own callback and, after
-    # it, only while the plugin holds the stream there (the callback did not return Continue);
-    # on_log reads the final maps. These flags say which maps properties may read now.
+    # it, only while the plugin holds the stream there (the callback did not return Continue, and
+    # no proxy_continue_stream since); on_log reads the final maps. These flags say which maps
+    # properties may read now.
     request_headers_held: bool
     response_headers_held: bool
     response_trailers_held: bool
@@ -242,12 +243,15 @@ class StreamContext(Context):
     def _resume(self, stream_type: int) -> None:
         if self.callbacks is None or self.local_reply_sent:
             return
+        # A held header map is no longer readable to properties once its stream moves on (Envoy).
         if stream_type == StreamType.HTTP_REQUEST:
+            self.request_headers_held = False
             if self.in_decode:
                 self.resume_now = True
             else:
                 self.callbacks.continue_decoding()
         else:
+            self.response_headers_held = False
             if self.in_encode:
                 self.resume_now = True
             else:

@@ -282,8 +282,10 @@ class WasmHttpFilter(StreamContext):
             result = self._call(self._exports.request_headers, len(headers), end_stream)
         finally:
             self.in_decode = False
-        # Anything but Continue keeps them readable; so does a local reply or a failure (Envoy then stops).
-        self.request_headers_held = bool(result) or self.local_reply_sent or self._failed
+        # Anything but Continue keeps them readable, and so does a local reply or a failure (Envoy
+        # stops there), until the stream is continued.
+        held = bool(result) or self.local_reply_sent or self._failed
+        self.request_headers_held = held and not self.resume_now
         if result == 0 and not self.local_reply_sent and not self._failed:
             return _HEADERS_CONTINUE  # the usual answer, without the _headers_status frame
         return self._headers_status(result)
@@ -313,7 +315,7 @@ class WasmHttpFilter(StreamContext):
             result = self._call(self._exports.response_headers, len(headers), end_stream)
         finally:
             self.in_encode = False
-        self.response_headers_held = bool(result)
+        self.response_headers_held = bool(result) and not self.resume_now
         status = self._headers_status(result)
         return _HEADERS_CONTINUE if passthrough else status
 
