@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -547,6 +548,7 @@ class FilterManager:
         self._completed = True
         self._request.aborted = True
         self._response.aborted = True
+        self.stream_info.complete_monotonic_ns = time.monotonic_ns()
         for http_filter in self._filters:
             try:
                 http_filter.on_log()
