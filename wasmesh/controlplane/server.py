@@ -55,6 +55,8 @@ class ControlPlane:
         self._http: asyncio.Server | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # /readyz: the config directory is loaded and xDS is served (false again while stopping).
+        self.serving = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -68,11 +70,12 @@ class ControlPlane:
         if self.watcher is not None:
             self.watcher.scan()  # serve the directory's content from the first connection on
         self.xds_port = await self.ads.start(self.options.host, self.options.xds_port)
-        handler = ApiHandler(self.store, self.metrics, self.ads.describe)
+        handler = ApiHandler(self.store, self.metrics, self.ads.describe, ready=lambda: self.serving)
         self._http = await serve_http(handler, self.options.host, self.options.api_port)
         self.api_port = int(self._http.sockets[0].getsockname()[1])
         if self.watcher is not None:
             self._watch_task = asyncio.create_task(self.watcher.run(self.options.poll_interval))
+        self.serving = True
         log.info(
             "control plane: xDS on %s:%d, API on http://%s:%d (root namespace %s)",
             self.options.host,
@@ -83,6 +86,7 @@ class ControlPlane:
         )
 
     async def stop(self) -> None:
+        self.serving = False
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
