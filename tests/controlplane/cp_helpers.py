@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -218,3 +219,34 @@ def eventually(check: Any, timeout: float = 15.0, interval: float = 0.1) -> Any:
                 return last
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+class ControlPlaneProcess:
+    """A real `wasmesh control-plane` process on free ports (API and xDS)."""
+
+    def __init__(self, *extra_args: str) -> None:
+        self.api_port, self.xds_port = free_port(), free_port()
+        self.server = f"http://127.0.0.1:{self.api_port}"
+        command = [sys.executable, "-m", "wasmesh", "control-plane", "--api-port", str(self.api_port)]
+        self.process = subprocess.Popen(
+            [*command, "--xds-port", str(self.xds_port), "--log-level", "info", *extra_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = ""
+        eventually(lambda: get_json(f"{self.server}/resources/WasmPlugin")[0] == 200, timeout=60)
+
+    def stop(self) -> str:
+        """Stop it (it must exit 0) and return everything it logged."""
+        self.process.terminate()
+        self.output, _ = self.process.communicate(timeout=20)
+        assert self.process.returncode == 0, self.output
+        return self.output
+
+
+def run_wasmesh(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m wasmesh ARGV` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "wasmesh", *argv], capture_output=True, text=True, timeout=120, input=stdin
+    )

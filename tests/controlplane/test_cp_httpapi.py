@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from cp_helpers import eventually, free_port, plugin_yaml
+from cp_helpers import ControlPlaneProcess, plugin_yaml
 
 from wasmesh.controlplane.bodies import MAX_DEPTH
 from wasmesh.controlplane.httpapi import MAX_BODY, ApiHandler, serve_http
@@ -67,21 +65,9 @@ def request(port: int, method: str, path: str, body: bytes = b"") -> Reply:
 @pytest.fixture(scope="module")
 def api_port() -> Iterator[int]:
     """A real `wasmesh control-plane` process; yields its API port."""
-    port, xds_port = free_port(), free_port()
-    command = [sys.executable, "-m", "wasmesh", "control-plane", "--api-port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--xds-port", str(xds_port), "--log-level", "warning"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        eventually(lambda: request(port, "GET", "/healthz").status == 200)
-        yield port
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=20)
-        assert process.returncode == 0, output
+    plane = ControlPlaneProcess()
+    yield plane.api_port
+    plane.stop()
 
 
 def plugin(name: str) -> bytes:
