@@ -109,6 +109,10 @@ def test_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path, capsys: pytest.Captu
     text = capsys.readouterr().out
     bootstrap = yaml.safe_load(text)
     assert bootstrap["node"]["metadata"]["LABELS"] == {"app": "web", "v": "1"}
+    # Plain YAML: the config sources LDS and CDS share are written out twice, with no anchors.
+    assert "&id" not in text and "*id" not in text
+    lds, cds = bootstrap["dynamic_resources"]["lds_config"], bootstrap["dynamic_resources"]["cds_config"]
+    assert lds == cds == {"ads": {}, "resource_api_version": "V3"}
     path = tmp_path / "bootstrap.yaml"
     path.write_text(text)
     result = subprocess.run(

@@ -191,6 +191,8 @@ def _send_files(server: str, filenames: list[str], path: str) -> int:
         except ServerUnreachable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        for warning in reply.get("warnings", []):
+            print(f"Warning: {warning}", file=sys.stderr)
         for result in reply.get("results", []):
             _print_result(result)
         if reply.get("errors"):

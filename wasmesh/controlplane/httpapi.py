@@ -35,8 +35,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from wasmesh.api.load import Document
+from wasmesh.api.model import WasmPlugin
 from wasmesh.controlplane.bodies import BodyError, parse_documents
 from wasmesh.controlplane.store import ConfigStore, ResourceRejected, canonical_kind
+from wasmesh.controlplane.warnings import plugin_warnings
 from wasmesh.xds.metrics import XdsMetrics
 
 log = logging.getLogger("wasmesh.controlplane")
@@ -160,6 +162,7 @@ class ApiHandler:
     def _apply(self, body: bytes, source: str) -> Response:
         results: list[dict[str, Any]] = []
         errors: list[str] = []
+        warnings: list[str] = []
         for document in self._documents(body, source):
             try:
                 stored, action = self.store.apply(document, source="api")
@@ -169,6 +172,11 @@ class ApiHandler:
                 for line in exc.errors:
                     log.warning("rejected: %s", line)
                 continue
+            if isinstance(stored.parsed, WasmPlugin):
+                for warning in plugin_warnings(stored.parsed):
+                    warnings.append(warning)
+                    if action != "unchanged":
+                        log.warning("%s", warning)
             results.append(
                 {
                     "kind": stored.kind,
@@ -178,7 +186,10 @@ class ApiHandler:
                     "resourceVersion": stored.resource_version,
                 }
             )
-        return _json(422 if errors else 200, {"results": results, "errors": errors})
+        payload: dict[str, Any] = {"results": results, "errors": errors}
+        if warnings:  # kubectl prints the API server's warnings as `Warning: ...` on stderr
+            payload["warnings"] = warnings
+        return _json(422 if errors else 200, payload)
 
     def _delete(self, body: bytes, source: str) -> Response:
         results: list[dict[str, Any]] = []

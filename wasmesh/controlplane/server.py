@@ -12,6 +12,7 @@ from pathlib import Path
 
 from wasmesh.controlplane.generator import MeshSnapshotGenerator
 from wasmesh.controlplane.httpapi import ApiHandler, serve_http
+from wasmesh.controlplane.status import PluginStatus
 from wasmesh.controlplane.store import ConfigStore
 from wasmesh.controlplane.watcher import DirectoryWatcher
 from wasmesh.xds.metrics import XdsMetrics
@@ -43,6 +44,8 @@ class ControlPlane:
         self.store = ConfigStore(options.root_namespace)
         self.generator = MeshSnapshotGenerator(self.store)
         self.ads = AdsServer(self.generator, self.metrics, debounce_after=options.debounce_after)
+        self.status = PluginStatus(self.ads, self.generator)
+        self.ads.proxy_warnings = self.status.proxy_warnings
         self.watcher: DirectoryWatcher | None = None
         if options.config_dir is not None:
             self.watcher = DirectoryWatcher(
@@ -70,7 +73,9 @@ class ControlPlane:
         if self.watcher is not None:
             self.watcher.scan()  # serve the directory's content from the first connection on
         self.xds_port = await self.ads.start(self.options.host, self.options.xds_port)
-        handler = ApiHandler(self.store, self.metrics, self.ads.describe, ready=lambda: self.serving)
+        handler = ApiHandler(
+            self.store, self.metrics, self.ads.describe, plugin_status=self.status, ready=lambda: self.serving
+        )
         self._http = await serve_http(handler, self.options.host, self.options.api_port)
         self.api_port = int(self._http.sockets[0].getsockname()[1])
         if self.watcher is not None:
