@@ -298,3 +298,37 @@ def test_internal_error_is_500_with_one_line(caplog: pytest.LogCaptureFixture) -
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_status_routes(api_port: int) -> None:
+    prod = plugin_yaml("p", "file:///plugins/x.wasm", namespace="prod").encode()
+    assert request(api_port, "POST", "/apply", plugin("d") + b"---\n" + prod).status == 200
+    try:
+        every = request(api_port, "GET", "/status/wasmplugins")
+        assert every.status == 200
+        assert [(item["namespace"], item["name"]) for item in every.json["items"]] == [  # type: ignore[attr-defined]
+            ("default", "d"),
+            ("prod", "p"),
+        ]
+        in_prod = request(api_port, "GET", "/status/wasmplugins?namespace=prod")
+        assert in_prod.json == {
+            "items": [
+                {
+                    "namespace": "prod",
+                    "name": "p",
+                    "resource": "extensions.istio.io/wasmplugin/prod.p",
+                    "ready": 0,
+                    "selected": 0,
+                    "proxies": [],
+                    "warnings": [],
+                }
+            ]
+        }
+        one = request(api_port, "GET", "/status/wasmplugins/default/d")
+        assert (one.status, one.json["resource"]) == (200, "extensions.istio.io/wasmplugin/default.d")
+        missing = request(api_port, "GET", "/status/wasmplugins/default/nope")
+        assert (missing.status, missing.errors) == (404, ['WasmPlugin "default/nope" not found'])
+    finally:
+        assert request(api_port, "DELETE", "/resources/wp").status == 200
+        assert request(api_port, "DELETE", "/resources/wp?namespace=prod").status == 200
+    assert stored_names(api_port) == []

@@ -141,7 +141,7 @@ class ApiHandler:
                 return self._get(parts[1], parts[2], parts[3])
             return self._delete_one(parts[1], parts[2], parts[3])
         if pattern.startswith("status/wasmplugins"):
-            return self._status(parts[2:])
+            return self._status(parts[2:], namespace)
         if pattern == "metrics":
             return Response(200, self.metrics.render().encode(), "text/plain; version=0.0.4")
         if pattern == "debug/connections":
@@ -239,11 +239,11 @@ class ApiHandler:
             return _error(404, f'{kind} "{namespace}/{name}" not found')
         return _json(200, dict(stored.body))
 
-    def _status(self, identity: list[str]) -> Response:
+    def _status(self, identity: list[str], namespace: str | None) -> Response:
         if self.plugin_status is None:
             return _json(200, {"items": []})
         if not identity:
-            return _json(200, {"items": self.plugin_status(None, None)})
+            return _json(200, {"items": self.plugin_status(namespace, None)})
         namespace, name = identity
         items = self.plugin_status(namespace, name)
         if not items:
