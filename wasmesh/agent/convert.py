@@ -120,6 +120,17 @@ class ResourceConversion:
     resource: any_pb2.Any
     result: str
     error: str = ""  # non-empty: the resource is unreadable and the response must be NACKed
+    # non-empty: the module could not be fetched and ``resource`` is the RBAC fallback; one line naming
+    # the resource, for the control plane (see ``wasmesh.agent.xdsproxy``'s fetch-failure report)
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class ConvertedResponse:
+    """The resources to forward to Envoy, and one line per resource served as the RBAC fallback."""
+
+    resources: list[any_pb2.Any]
+    fallbacks: list[str]
 
 
 def fails_open(config: wasm_pb2.PluginConfig) -> bool:
@@ -285,8 +296,12 @@ class EcdsConverter:
 
         Raises ``ConversionError`` when the response must be NACKed.
         """
+        return (await self.convert_response_reporting(resources)).resources
+
+    async def convert_response_reporting(self, resources: Sequence[any_pb2.Any]) -> ConvertedResponse:
+        """Like ``convert_response``, also naming the resources replaced by the RBAC fallback."""
         if not self.enabled:
-            return list(resources)
+            return ConvertedResponse(list(resources), [])
         started = time.monotonic()
         try:
             outcomes = await asyncio.gather(*(self.convert_resource(resource) for resource in resources))
@@ -299,7 +314,10 @@ class EcdsConverter:
             message_text = "; ".join(errors)
             log.error("error in applying failopen rbac config: %s", message_text)
             raise ConversionError(message_text)
-        return [outcome.resource for outcome in outcomes]
+        return ConvertedResponse(
+            [outcome.resource for outcome in outcomes],
+            [outcome.fallback for outcome in outcomes if outcome.fallback],
+        )
 
     async def convert_resource(self, resource: any_pb2.Any) -> ResourceConversion:
         """Convert one resource and count it in ``istio_agent_wasm_config_conversion_count``."""
@@ -324,7 +342,9 @@ class EcdsConverter:
                 "allow" if allow else "deny",
             )
             fallback = fallback_rbac(remote.extension.name, network=remote.is_network, allow=allow)
-            return ResourceConversion(fallback, exc.result)
+            served = "allow-all" if allow else "deny-all"
+            report = f"{remote.extension.name}: {exc} (serving the {served} RBAC fallback)"
+            return ResourceConversion(fallback, exc.result, fallback=report)
         vm_config = plugin_config(remote.wasm).vm_config
         vm_config.code.CopyFrom(base_pb2.AsyncDataSource(local=base_pb2.DataSource(filename=str(path))))
         remote.extension.typed_config.CopyFrom(_pack(remote.wasm))  # a TypedStruct comes out typed

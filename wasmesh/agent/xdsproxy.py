@@ -4,7 +4,9 @@ Like istio-agent's ``xds_proxy.go``, every downstream (Envoy) stream gets its ow
 Requests go upstream untouched; responses come back untouched — except ECDS responses, whose Wasm
 resources are converted to local files first (``wasmesh.agent.convert``). When a response holds a
 resource the agent cannot read, the agent NACKs it upstream itself (code 13, Envoy's last ACKed ECDS
-version, the response's nonce) and Envoy never sees it.
+version, the response's nonce) and Envoy never sees it. When a module cannot be fetched, Envoy gets the
+RBAC fallback and ACKs it; that ACK goes upstream as a fetch-failure report (error_detail code
+``FETCH_FAILURE_CODE``, one part per resource), so the control plane's plugin status shows the failure.
 
 ECDS responses are converted one at a time per stream, in arrival order, while other types keep
 flowing: a slow download never delays LDS/CDS, and an older ECDS version can never overtake a newer one
@@ -29,6 +31,7 @@ from wasmesh.agent.cache import ModuleCache
 from wasmesh.agent.convert import EXTENSION_CONFIG_TYPE, ConversionError, EcdsConverter
 from wasmesh.agent.metrics import AgentMetrics
 from wasmesh.agent.options import CacheOptions
+from wasmesh.xds.server import FETCH_FAILURE_CODE
 
 log = logging.getLogger("wasmesh.agent.xdsproxy")
 
@@ -94,6 +97,8 @@ class _ProxiedStream:
         self.to_envoy: asyncio.Queue[discovery_pb2.DiscoveryResponse | BaseException | object]
         self.to_envoy = asyncio.Queue()
         self.ecds_responses: asyncio.Queue[discovery_pb2.DiscoveryResponse] = asyncio.Queue()
+        # nonce of a response sent to Envoy with RBAC fallbacks → the fetch failures, until Envoy answers it
+        self.fetch_reports: dict[str, str] = {}
 
     async def _upstream_requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
         while True:
@@ -106,7 +111,7 @@ class _ProxiedStream:
         try:
             async for request in self.downstream:
                 self.ecds.observe(request)
-                self.to_upstream.put_nowait(request)
+                self.to_upstream.put_nowait(self._with_fetch_report(request))
         finally:
             self.to_upstream.put_nowait(_END)  # Envoy closed: half-close upstream too
 
@@ -122,11 +127,32 @@ class _ProxiedStream:
             return
         self.to_envoy.put_nowait(_END)
 
+    def _with_fetch_report(self, request: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryRequest:
+        """Envoy's answer to a response that carried RBAC fallbacks, with the fetch failures added.
+
+        Envoy ACKs the fallbacks; the control plane still has to learn that the modules did not load,
+        so the ACK goes upstream as a report with code FETCH_FAILURE_CODE naming each resource (the
+        control plane counts it as ACKed, not rejected). A NACK gets the failures appended.
+        """
+        if request.type_url != EXTENSION_CONFIG_TYPE:
+            return request
+        report = self.fetch_reports.pop(request.response_nonce, None)
+        if report is None:
+            return request
+        rewritten = discovery_pb2.DiscoveryRequest()
+        rewritten.CopyFrom(request)
+        if request.HasField("error_detail"):
+            rewritten.error_detail.message = f"{request.error_detail.message}; {report}"
+        else:
+            rewritten.error_detail.CopyFrom(status_pb2.Status(code=FETCH_FAILURE_CODE, message=report))
+        return rewritten
+
     async def _convert_ecds(self) -> None:
         while True:
             response = await self.ecds_responses.get()
             try:
-                resources = await self.converter.convert_response(response.resources)
+                converted_response = await self.converter.convert_response_reporting(response.resources)
+                resources = converted_response.resources
             except ConversionError as exc:
                 log.warning(
                     "xDS proxy %s: NACK ECDS version %s nonce %s: %s",
@@ -137,6 +163,8 @@ class _ProxiedStream:
                 )
                 self.to_upstream.put_nowait(self.ecds.nack(response, str(exc)))
                 continue
+            if converted_response.fallbacks:
+                self.fetch_reports[response.nonce] = "; ".join(converted_response.fallbacks)
             converted = discovery_pb2.DiscoveryResponse()
             converted.CopyFrom(response)
             del converted.resources[:]

@@ -383,6 +383,25 @@ def _rbac_filter(resource_name: str, rbac: http_rbac_pb2.RBAC) -> RbacFilterSpec
     return RbacFilterSpec(resource_name, allow=allow, stat_prefix=rbac.rules_stat_prefix)
 
 
+_L4_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_network_plugins(listener: listener_pb2.Listener) -> None:
+    """Log once per listener and plugin that a `type: NETWORK` WasmPlugin is skipped (L4 is not served)."""
+    for chain in listener.filter_chains:
+        for network_filter in chain.filters:
+            if not network_filter.HasField("config_discovery"):
+                continue
+            key = (listener.name, network_filter.name)
+            if key not in _L4_WARNED:
+                _L4_WARNED.add(key)
+                log.warning(
+                    "listener %s: %s: type NETWORK: L4 (network filter) plugins are not served yet; skipped",
+                    listener.name,
+                    network_filter.name,
+                )
+
+
 def translate_listener(
     listener: listener_pb2.Listener,
     routes: Mapping[str, route_pb2.RouteConfiguration],
@@ -391,6 +410,7 @@ def translate_listener(
     """The listener's plan, or the names it still waits for (route config, ECDS) while warming."""
     where = f"listener {listener.name}"
     address, port = _socket_address(listener.address, f"{where}: address.socket_address")
+    _warn_network_plugins(listener)
     manager = http_connection_manager(listener)
     if manager is None:
         raise XdsConfigError(f"{where}: filter_chains: an HTTP connection manager is required")
