@@ -28,9 +28,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from wasmesh.agent.cache import ModuleCache
-from wasmesh.agent.convert import EXTENSION_CONFIG_TYPE, ConversionError, EcdsConverter
+from wasmesh.agent.convert import ConversionError, EcdsConverter
 from wasmesh.agent.metrics import AgentMetrics
 from wasmesh.agent.options import CacheOptions
+from wasmesh.xds import types
 from wasmesh.xds.server import FETCH_FAILURE_CODE
 
 log = logging.getLogger("wasmesh.agent.xdsproxy")
@@ -53,7 +54,7 @@ class EcdsAckState:
     resource_names: list[str] = field(default_factory=list)
 
     def observe(self, request: discovery_pb2.DiscoveryRequest) -> None:
-        if request.type_url != EXTENSION_CONFIG_TYPE:
+        if request.type_url != types.EXTENSION_CONFIG:
             return
         if not request.HasField("error_detail"):
             self.last_ack_version = request.version_info
@@ -68,7 +69,7 @@ class EcdsAckState:
         """
         return discovery_pb2.DiscoveryRequest(
             version_info=self.last_ack_version,
-            type_url=EXTENSION_CONFIG_TYPE,
+            type_url=types.EXTENSION_CONFIG,
             response_nonce=response.nonce,
             resource_names=self.resource_names,
             error_detail=status_pb2.Status(code=NACK_CODE, message=reason),
@@ -118,7 +119,7 @@ class _ProxiedStream:
     async def _forward_responses(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
             async for response in call:
-                if response.type_url == EXTENSION_CONFIG_TYPE:
+                if response.type_url == types.EXTENSION_CONFIG:
                     self.ecds_responses.put_nowait(response)
                 else:
                     self.to_envoy.put_nowait(response)
@@ -134,7 +135,7 @@ class _ProxiedStream:
         so the ACK goes upstream as a report with code FETCH_FAILURE_CODE naming each resource (the
         control plane counts it as ACKed, not rejected). A NACK gets the failures appended.
         """
-        if request.type_url != EXTENSION_CONFIG_TYPE:
+        if request.type_url != types.EXTENSION_CONFIG:
             return request
         report = self.fetch_reports.pop(request.response_nonce, None)
         if report is None:

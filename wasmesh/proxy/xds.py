@@ -86,17 +86,6 @@ ROUTER_FILTER = "envoy.filters.http.router"
 # version). For remote code they are consumed here and stripped, as istio-agent strips them before
 # Envoy sees the config; local code passes through with them, as it does through the agent. (The
 # resource version in the env is also why two plugins of one module get separate VMs, as in Envoy.)
-_ISTIO_META_PREFIX = "ISTIO_META_"
-ENV_RESOURCE_VERSION = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
-ENV_PULL_POLICY = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
-ENV_PULL_SECRET = "ISTIO_META_WASM_IMAGE_PULL_SECRET"
-
-_FAILURE_POLICIES = {
-    wasm_pb2.UNSPECIFIED: "FAIL_CLOSE",
-    wasm_pb2.FAIL_CLOSED: "FAIL_CLOSE",
-    wasm_pb2.FAIL_OPEN: "FAIL_OPEN",
-    wasm_pb2.FAIL_RELOAD: "FAIL_RELOAD",
-}
 
 
 class XdsConfigError(ValueError):
@@ -340,7 +329,7 @@ def _wasm_filter(resource_name: str, config: wasm_pb2.PluginConfig) -> WasmFilte
             # Envoy hands other Any payloads to the plugin serialized; so do we.
             configuration = config.configuration.value
     variables = config.vm_config.environment_variables
-    policy = _FAILURE_POLICIES.get(config.failure_policy, "FAIL_CLOSE")
+    policy = types.STRATEGY_BY_FAILURE_POLICY.get(config.failure_policy, "FAIL_CLOSE")
     if config.failure_policy == wasm_pb2.UNSPECIFIED and config.fail_open:
         policy = "FAIL_OPEN"  # the deprecated bool, still honoured by Envoy
     return WasmFilterSpec(
@@ -353,14 +342,14 @@ def _wasm_filter(resource_name: str, config: wasm_pb2.PluginConfig) -> WasmFilte
         local_filename=local,
         remote_url=remote,
         sha256=sha256,
-        pull_policy=variables.key_values.get(ENV_PULL_POLICY, ""),
-        pull_secret=variables.key_values.get(ENV_PULL_SECRET, ""),
-        resource_version=variables.key_values.get(ENV_RESOURCE_VERSION, ""),
+        pull_policy=variables.key_values.get(types.ENV_PULL_POLICY, ""),
+        pull_secret=variables.key_values.get(types.ENV_PULL_SECRET, ""),
+        resource_version=variables.key_values.get(types.ENV_RESOURCE_VERSION, ""),
         env=tuple(
             sorted(
                 (k, v)
                 for k, v in variables.key_values.items()
-                if local or not k.startswith(_ISTIO_META_PREFIX)
+                if local or not k.startswith(types.ISTIO_META_PREFIX)
             )
         ),
         host_env_keys=tuple(variables.host_env_keys),
