@@ -117,7 +117,7 @@ def test_subscribe_follow_references_and_push_on_change() -> None:
             assert isinstance(watched, Mapping)
             assert watched["ecds"]["names"] == ["ext/a", "ext/b"]
             assert watched["ecds"]["acked"] == watched["ecds"]["sent"]
-            assert server.metrics.convergence.count >= 1
+            assert server.metrics.convergence.count() >= 1
         finally:
             client.request_stop()
             task.cancel()

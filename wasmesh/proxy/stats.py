@@ -9,6 +9,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 
+from wasmesh.prometheus import escape_label, format_number, histogram_lines
+
 # Envoy's default histogram buckets (milliseconds).
 DEFAULT_BUCKETS_MS: tuple[float, ...] = (
     0.5,
@@ -48,23 +50,7 @@ class Histogram:
         self.count += 1
 
     def render(self, name: str, labels: str) -> Iterable[str]:
-        cumulative = 0
-        sep = "," if labels else ""
-        for bound, n in zip(self.buckets, self.counts, strict=False):
-            cumulative += n
-            yield f'{name}_bucket{{{labels}{sep}le="{_fmt(bound)}"}} {cumulative}'
-        cumulative += self.counts[-1]
-        yield f'{name}_bucket{{{labels}{sep}le="+Inf"}} {cumulative}'
-        yield f"{name}_sum{{{labels}}} {_fmt(self.total)}"
-        yield f"{name}_count{{{labels}}} {self.count}"
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return histogram_lines(name, labels, self.buckets, self.counts, self.total, self.count)
 
 
 class ListenerStats:
@@ -124,7 +110,7 @@ class ProxyStats:
         self, cluster_gauges: dict[str, tuple[int, int, int, int]] | None = None, worker: str = ""
     ) -> str:
         """Prometheus text; ``cluster_gauges``: cluster -> (cx total, active, connect fails, timeouts)."""
-        w = f'worker="{_esc(worker)}",' if worker else ""
+        w = f'worker="{escape_label(worker)}",' if worker else ""
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -132,10 +118,10 @@ class ProxyStats:
             out.append(f"# TYPE {name} {kind}")
 
         def sample(name: str, labels: str, value: float) -> None:
-            out.append(f"{name}{{{w}{labels}}} {_fmt(value)}")
+            out.append(f"{name}{{{w}{labels}}} {format_number(value)}")
 
-        listeners = [(f'listener="{_esc(s.name)}"', s) for s in self.listeners.values()]
-        clusters = [(f'cluster="{_esc(n)}"', u) for n, u in self.upstream.items()]
+        listeners = [(f'listener="{escape_label(s.name)}"', s) for s in self.listeners.values()]
+        clusters = [(f'cluster="{escape_label(n)}"', u) for n, u in self.upstream.items()]
         family("wasmesh_downstream_cx_total", "counter", "Downstream connections accepted.")
         for lab, s in listeners:
             sample("wasmesh_downstream_cx_total", lab, s.cx_total)
@@ -179,7 +165,7 @@ class ProxyStats:
         family("wasmesh_upstream_rq_reset_total", "counter", "Upstream requests reset by the connection.")
         for lab, u in clusters:
             sample("wasmesh_upstream_rq_reset_total", lab, u.rq_reset)
-        gauges = [(f'cluster="{_esc(n)}"', g) for n, g in (cluster_gauges or {}).items()]
+        gauges = [(f'cluster="{escape_label(n)}"', g) for n, g in (cluster_gauges or {}).items()]
         for index, (name, kind, help_text) in enumerate(
             (
                 ("wasmesh_upstream_cx_total", "counter", "Upstream connections opened."),

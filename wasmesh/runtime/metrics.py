@@ -10,10 +10,12 @@ are sanitised to Prometheus' ``[a-zA-Z0-9_:]`` charset.
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 from dataclasses import dataclass, field
 
+from wasmesh.prometheus import escape_label, histogram_lines
 from wasmesh.runtime.abi import MetricType, WasmResult
 
 _U64 = (1 << 64) - 1
@@ -46,10 +48,6 @@ def split_tags(name: str) -> tuple[str, list[tuple[str, str]]]:
         else:
             base.append(part)
     return "_".join(p for p in base if p), tags
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class MetricsRegistry:
@@ -108,9 +106,9 @@ class MetricsRegistry:
         else:
             metric.sample_count += 1
             metric.sample_sum += value
-            for index, bound in enumerate(_BUCKETS):
-                if value <= bound:
-                    metric.bucket_counts[index] += 1
+            index = bisect.bisect_left(_BUCKETS, value)
+            if index < len(_BUCKETS):  # above the last bound: counted in +Inf (sample_count) only
+                metric.bucket_counts[index] += 1
         return WasmResult.OK
 
     def get(self, metric_id: int) -> tuple[WasmResult, int]:
@@ -146,7 +144,7 @@ class MetricsRegistry:
         for metric in [self._by_id[metric_id] for metric_id in self._by_key.values()]:
             base, tags = split_tags(metric.name)
             prom = _SANITIZE.sub("_", f"wasmcustom_{base}")
-            label_text = ",".join(f'{_SANITIZE.sub("_", k)}="{_escape(v)}"' for k, v in tags)
+            label_text = ",".join(f'{_SANITIZE.sub("_", k)}="{escape_label(v)}"' for k, v in tags)
             kind = {MetricType.COUNTER: "counter", MetricType.GAUGE: "gauge"}.get(
                 metric.metric_type, "histogram"
             )
@@ -157,21 +155,17 @@ class MetricsRegistry:
                 suffix = f"{{{label_text}}}" if label_text else ""
                 lines.append(f"{prom}{suffix} {metric.value}")
                 continue
-            sep = "," if label_text else ""
-            cumulative = 0
-            for bound, count in zip(_BUCKETS, metric.bucket_counts, strict=True):
-                cumulative += count
-                lines.append(f'{prom}_bucket{{{label_text}{sep}le="{bound}"}} {cumulative}')
-            lines.append(f'{prom}_bucket{{{label_text}{sep}le="+Inf"}} {metric.sample_count}')
-            suffix = f"{{{label_text}}}" if label_text else ""
-            lines.append(f"{prom}_sum{suffix} {metric.sample_sum}")
-            lines.append(f"{prom}_count{suffix} {metric.sample_count}")
+            lines.extend(
+                histogram_lines(
+                    prom, label_text, _BUCKETS, metric.bucket_counts, metric.sample_sum, metric.sample_count
+                )
+            )
         for (name, labels), value in sorted(self._host_counters.items()):
             if name not in typed:
                 if name in self._host_help:
                     lines.append(f"# HELP {name} {self._host_help[name]}")
                 lines.append(f"# TYPE {name} counter")
                 typed.add(name)
-            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            label_text = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels)
             lines.append(f"{name}{{{label_text}}} {value}")
         return "\n".join(lines) + ("\n" if lines else "")

@@ -226,7 +226,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         proxy = ProxyNode.from_node(first.node)
         conn = Connection(f"{proxy.id}-{next(self._conn_ids)}", proxy, context.peer())
         self.connections[conn.conn_id] = conn
-        self.metrics.connected.set(value=len(self.connections))
+        self.metrics.connected.set(len(self.connections))
         log.info("ADS: new connection %s (namespace %s)", conn.conn_id, proxy.namespace)
         self._log_warnings(conn)
         self._handle_request(conn, first)
@@ -240,7 +240,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         finally:
             reader.cancel()
             if self.connections.pop(conn.conn_id, None) is not None:
-                self.metrics.connected.set(value=len(self.connections))
+                self.metrics.connected.set(len(self.connections))
                 log.info("ADS: disconnected %s", conn.conn_id)
 
     async def _read_requests(
