@@ -91,6 +91,7 @@ def status_of(observed: ObservedExchange | str) -> int | str:
 
 
 REPORT = [("x-cb-report", "1")]
+Sender = Callable[..., EnvoyResponse | SocketResponse]  # EnvoyRunner.request or WasmeshRun.request
 
 
 # ---------------------------------------------------------------------------------------------- ticks
@@ -116,6 +117,41 @@ def test_tick_counts_on_the_root_and_the_request_path_reads_it(recording_upstrea
         assert wasmesh_ticks() == "3"
         pair.harness.advance(0.1)
         assert wasmesh_ticks() == "4"
+
+
+def test_ticks_and_a_trap_in_on_tick_under_wasmesh_run_as_under_envoy(
+    recording_upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    """Real timers: `wasmesh run` ticks at the period asked (never much sooner), the request path reads
+    the count, and a trap in on_tick turns the following requests into Envoy's FAIL_CLOSE answer."""
+    need_envoy()
+    module = built_test_plugin("callbacks")
+    tokens = f"key={fresh_key()},tick={TICK_MS}"
+    document = wasmplugin_document("callbacks", module, plugin_config={"tokens": tokens})
+    report = [("host", "example.com"), *REPORT]
+    with EnvoyRunner([callbacks_plugin(tokens)], upstream_port=recording_upstream.port) as envoy, WasmeshRun(
+        tmp_path, document, recording_upstream.port
+    ) as run:  # fmt: skip
+        for send in (envoy.request, run.request):
+
+            def three_ticks(send: Sender = send) -> dict[str, str] | None:
+                recording_upstream.clear()
+                assert send("GET", "/", report).status == 200
+                (request,) = recording_upstream.requests
+                seen = {k: v for k, v in request.headers if k.startswith("x-cb-") and k not in PLUGIN_INPUTS}
+                return seen if int(seen["x-cb-ticks"]) >= 3 else None
+
+            assert int(poll("three ticks", three_ticks)["x-cb-tick-gap-ms"]) >= TICK_MS // 2
+            recording_upstream.clear()
+            assert send("GET", "/", [("host", "example.com"), ("x-cb-trap", "tick")]).status == 200
+
+            def failed_closed(send: Sender = send) -> tuple[int, bytes] | None:
+                response = send("GET", "/", report)
+                return (response.status, response.body) if response.status != 200 else None
+
+            assert poll("the trap in on_tick to fail the plugin closed", failed_closed) == (503, b"")
+            recording_upstream.clear()
+            assert send("GET", "/", report).status == 503 and recording_upstream.requests == []
 
 
 # --------------------------------------------------------------------------------------------- queues
@@ -324,7 +360,7 @@ def test_http_call_failures_are_answered_as_envoy_answers_them(
     envoy, run, upstream = call_failure_proxies
     headers, expected = CALL_FAILURES[case]
 
-    def answered(send: Callable[..., EnvoyResponse | SocketResponse]) -> dict[str, str]:
+    def answered(send: Sender) -> dict[str, str]:
         upstream.clear()
         response = send("GET", "/", [("host", "example.com"), *headers])
         assert response.status == 200
