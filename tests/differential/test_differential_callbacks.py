@@ -9,6 +9,8 @@ that asked for it and never much sooner than the period; a queue item reaches th
 registered the queue; a trap reaches the failure policy.
 
 Envoy 1.40's behaviour, as observed here and pinned by these tests:
+* Every copy of the VM ticks: the main thread's as well as each worker's (so a shared counter grows
+  twice per period with --concurrency 1). A wasmesh worker process has one copy.
 * A trapping stream under `failure_policy: FAIL_OPEN` is answered 503 (only later streams skip the
   plugin); under the deprecated `fail_open: true` it continues. wasmesh's FAIL_OPEN does the latter.
 * FAIL_RELOAD: streams are answered 503 until the reload backoff (1 s base, jittered) has passed,
@@ -91,6 +93,14 @@ def status_of(observed: ObservedExchange | str) -> int | str:
 
 
 REPORT = [("x-cb-report", "1")]
+
+
+def ticked_three_times(seen: dict[str, str]) -> bool:
+    """Three ticks in shared data, and two on the VM that served this request, so it measured a gap.
+    Envoy ticks on each copy of the VM (its main thread's too), all counting into the one shared
+    counter: the count alone does not say that the serving VM ticked twice."""
+    return int(seen["x-cb-ticks"]) >= 3 and seen["x-cb-tick-gap-ms"] != "none"
+
 Sender = Callable[..., EnvoyResponse | SocketResponse]  # EnvoyRunner.request or WasmeshRun.request
 
 
@@ -102,7 +112,7 @@ def test_tick_counts_on_the_root_and_the_request_path_reads_it(recording_upstrea
 
         def three_ticks() -> dict[str, str] | None:
             seen = cb_headers(pair.run_envoy("GET", "/", [("host", "example.com"), *REPORT], b""))
-            return seen if int(seen["x-cb-ticks"]) >= 3 else None
+            return seen if ticked_three_times(seen) else None
 
         under_envoy = poll("three ticks under Envoy", three_ticks)
         # The period is honoured: never much sooner than asked (Envoy's timer may fire a few ms early).
@@ -139,7 +149,7 @@ def test_ticks_and_a_trap_in_on_tick_under_wasmesh_run_as_under_envoy(
                 assert send("GET", "/", report).status == 200
                 (request,) = recording_upstream.requests
                 seen = {k: v for k, v in request.headers if k.startswith("x-cb-") and k not in PLUGIN_INPUTS}
-                return seen if int(seen["x-cb-ticks"]) >= 3 else None
+                return seen if ticked_three_times(seen) else None
 
             assert int(poll("three ticks", three_ticks)["x-cb-tick-gap-ms"]) >= TICK_MS // 2
             recording_upstream.clear()
