@@ -21,7 +21,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "wasmesh.api.cli",
     "wasmesh.agent.cli",
     "wasmesh.controlplane.cli",
-    "wasmesh.hub.cli",
 )
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -34,6 +35,7 @@ TOKEN_ISSUER = "wasmesh-test-issuer"
 REFRESH_TOKEN = "wasmesh-refresh-token"
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -52,15 +54,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
+def wait_for_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1") -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s} s")
 
 
 def real_plugin_wasm() -> bytes:
@@ -213,7 +215,7 @@ class TokenIssuer:
 
 @dataclass
 class Registry:
-    host: str  # 127.0.0.1:port
+    host: str  # address:port, 127.0.0.1 unless started on another loopback address
     auth: str  # "none" | "basic" | "token"
     process: subprocess.Popen[bytes]
     token_issuer: TokenIssuer | None = None
@@ -229,7 +231,7 @@ class Registry:
             self.token_issuer.stop()
 
 
-def start_registry(work_dir: Path, auth: str = "none") -> Registry:
+def start_registry(work_dir: Path, auth: str = "none", address: str = "127.0.0.1") -> Registry:
     work_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     lines = [
@@ -242,7 +244,7 @@ def start_registry(work_dir: Path, auth: str = "none") -> Registry:
         "  filesystem:",
         f"    rootdirectory: {work_dir / 'storage'}",
         "http:",
-        f"  addr: 127.0.0.1:{port}",
+        f"  addr: {address}:{port}",
         "  secret: wasmesh-test-secret",
     ]
     issuer: TokenIssuer | None = None
@@ -267,11 +269,11 @@ def start_registry(work_dir: Path, auth: str = "none") -> Registry:
     log = open(work_dir / "registry.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
     try:
-        wait_for_port(port)
+        wait_for_port(port, host=address)
     except RuntimeError:
         process.kill()
         raise RuntimeError((work_dir / "registry.log").read_text()) from None
-    return Registry(f"127.0.0.1:{port}", auth, process, issuer)
+    return Registry(f"{address}:{port}", auth, process, issuer)
 
 
 # ------------------------------------------------------------------------------ images and skopeo
@@ -345,15 +347,20 @@ def cncf_image(wasm: bytes) -> ImageSpec:
     return ImageSpec("application/vnd.wasm.config.v0+json", config, [("application/wasm", wasm)])
 
 
-def write_oci_layout(directory: Path, spec: ImageSpec, tag: str) -> str:
-    """Write ``spec`` as an OCI image layout; returns the manifest digest (sha256:...)."""
+def _put_blob(directory: Path, data: bytes) -> dict[str, Any]:
+    """Store ``data`` in an OCI layout's blobs; its digest and size, as a descriptor has them."""
     blobs = directory / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _put_manifest(directory: Path, spec: ImageSpec) -> dict[str, Any]:
+    """Store ``spec``'s blobs and manifest; the manifest's descriptor."""
 
     def put(data: bytes) -> dict[str, Any]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
+        return _put_blob(directory, data)
 
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
@@ -363,15 +370,35 @@ def write_oci_layout(directory: Path, spec: ImageSpec, tag: str) -> str:
     }
     if spec.annotations:
         manifest["annotations"] = spec.annotations
-    manifest_bytes = json.dumps(manifest, indent=2).encode()
-    descriptor = {
-        "mediaType": spec.manifest_media_type,
-        **put(manifest_bytes),
-        "annotations": {"org.opencontainers.image.ref.name": tag},
-    }
-    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [descriptor]}))
+    return {"mediaType": spec.manifest_media_type, **put(json.dumps(manifest, indent=2).encode())}
+
+
+def _write_layout_index(directory: Path, descriptor: dict[str, Any], tag: str) -> None:
+    tagged = {**descriptor, "annotations": {"org.opencontainers.image.ref.name": tag}}
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [tagged]}))
     (directory / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+
+def write_oci_layout(directory: Path, spec: ImageSpec, tag: str) -> str:
+    """Write ``spec`` as an OCI image layout; returns the manifest digest (sha256:...)."""
+    descriptor = _put_manifest(directory, spec)
+    _write_layout_index(directory, descriptor, tag)
     return str(descriptor["digest"])
+
+
+def write_oci_index_layout(
+    directory: Path, entries: list[tuple[ImageSpec, dict[str, str]]], tag: str
+) -> tuple[str, list[str]]:
+    """An OCI layout whose ``tag`` is an image index (multi-platform) of ``(image, platform)`` entries.
+
+    Returns the index digest and the entries' manifest digests, in order. Push it with
+    ``skopeo copy --multi-arch all``.
+    """
+    descriptors = [{**_put_manifest(directory, spec), "platform": platform} for spec, platform in entries]
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    index_descriptor = {"mediaType": OCI_INDEX, **_put_blob(directory, json.dumps(index, indent=2).encode())}
+    _write_layout_index(directory, index_descriptor, tag)
+    return str(index_descriptor["digest"]), [str(d["digest"]) for d in descriptors]
 
 
 def skopeo_push(
@@ -410,6 +437,8 @@ class FaultPlan:
     manifest_delay_s: float = 0.0
     blob_delay_s: float = 0.0
     redirect_blobs: bool = False  # answer 307 to the registry itself, as blob stores do
+    # A hostile registry: manifest GETs of these references (tag or digest) get this body instead.
+    manifest_overrides: dict[str, bytes] = field(default_factory=dict)
 
 
 class FaultProxy:
@@ -478,6 +507,11 @@ class FaultProxy:
                 {"Content-Type": "application/json"},
                 b'{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}',
             )
+            return
+        if is_manifest and request.path.rsplit("/", 1)[1] in plan.manifest_overrides:
+            body = plan.manifest_overrides[request.path.rsplit("/", 1)[1]]
+            media_type = json.loads(body).get("mediaType", OCI_MANIFEST)
+            self._reply(request, 200, {"Content-Type": media_type}, body)
             return
         if is_blob and plan.redirect_blobs:
             self._reply(request, 307, {"Location": f"http://{self.upstream}{request.path}"}, b"")
@@ -590,3 +624,64 @@ class ModuleServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# ------------------------------------------------------------------------------- raw listener
+
+
+class RawListener:
+    """A TCP listener that records how each connection starts and answers with fixed bytes.
+
+    ``answer=None`` never answers: a registry that stalls. Otherwise every connection gets
+    ``answer`` and is closed, whatever it sent (a plain-HTTP server answering a TLS ClientHello).
+    """
+
+    TLS_HANDSHAKE = 0x16  # first byte of a TLS ClientHello record
+
+    def __init__(self, address: str = "127.0.0.1", answer: bytes | None = None) -> None:
+        self.answer = answer
+        self.first_bytes: list[bytes] = []  # what each connection sent first, in order
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._socket = socket.create_server((address, 0))
+        self.host = f"{address}:{self._socket.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        connection.settimeout(10)
+        try:
+            first = connection.recv(5)
+        except OSError:
+            first = b""
+        with self._lock:
+            self.first_bytes.append(first)
+            self._held.append(connection)
+        self._connected.set()
+        if self.answer is not None:
+            with contextlib.suppress(OSError):
+                connection.sendall(self.answer)
+            connection.close()
+
+    def wait_for_connection(self, timeout_s: float = 30.0) -> None:
+        if not self._connected.wait(timeout_s):
+            raise AssertionError(f"nothing connected to {self.host} within {timeout_s} s")
+
+    def tls_connections(self) -> int:
+        with self._lock:
+            return sum(1 for first in self.first_bytes if first[:1] == bytes([self.TLS_HANDSHAKE]))
+
+    def stop(self) -> None:
+        self._socket.close()
+        with self._lock:
+            for connection in self._held:
+                connection.close()

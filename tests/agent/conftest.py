@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,21 +13,18 @@ from agent_testsupport import (
     real_plugin_wasm,
     skopeo_push,
     start_registry,
+    write_oci_index_layout,
     write_oci_layout,
 )
+from real_parts import require_binary
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-def _require(binary: str) -> None:
-    if shutil.which(binary) is None:
-        pytest.skip(f"{binary} is not installed (run scripts/install-test-deps.sh)")
 
 
 @pytest.fixture(scope="session")
 def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Registry]]:
     for binary in ("docker-registry", "skopeo", "htpasswd", "openssl"):
-        _require(binary)
+        require_binary(binary)
     started: dict[str, Registry] = {}
 
     def get(auth: str) -> Registry:
@@ -47,20 +43,42 @@ def plain_registry(registry_factory: Callable[[str], Registry]) -> Registry:
 
 
 @pytest.fixture(scope="session")
+def other_loopback_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A plain-HTTP registry on 127.0.0.2: loopback, but not a name that gets plain HTTP by itself."""
+    for binary in ("docker-registry", "skopeo"):
+        require_binary(binary)
+    registry = start_registry(tmp_path_factory.mktemp("registry-127.0.0.2"), "none", address="127.0.0.2")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
 def plugin_wasm() -> bytes:
     return real_plugin_wasm()
 
 
 @pytest.fixture(scope="session")
 def push_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    """push_image(registry, repository, tag, spec, skopeo_args=()) -> manifest digest as pushed."""
+    """push_image(registry, repository, tag, spec, skopeo_args=()) -> manifest digest as pushed.
+
+    ``spec`` may also be a list of ``(ImageSpec, platform)``: an image index is pushed, and the
+    index digest is returned.
+    """
     counter = iter(range(1_000_000))
 
     def push(
-        registry: Registry, repository: str, tag: str, spec: ImageSpec, skopeo_args: tuple[str, ...] = ()
+        registry: Registry,
+        repository: str,
+        tag: str,
+        spec: ImageSpec | list[tuple[ImageSpec, dict[str, str]]],
+        skopeo_args: tuple[str, ...] = (),
     ) -> str:
         layout = tmp_path_factory.mktemp(f"layout-{next(counter)}")
-        digest = write_oci_layout(layout, spec, tag)
+        if isinstance(spec, list):
+            digest, _ = write_oci_index_layout(layout, spec, tag)
+            skopeo_args = ("--multi-arch", "all", *skopeo_args)
+        else:
+            digest = write_oci_layout(layout, spec, tag)
         skopeo_push(layout, tag, registry, repository, extra=skopeo_args)
         return digest
 

@@ -237,6 +237,21 @@ def test_async_single_flight_one_download_for_many_waiters(
     cache.close()
 
 
+def test_a_closed_cache_serves_hits_but_starts_no_background_fetch(
+    module_server: ModuleServer, tmp_path: Path
+) -> None:
+    cached = module_server.serve("/cached.wasm", tiny_wasm("cached"))
+    other = module_server.serve("/other.wasm", tiny_wasm("other"))
+    cache = make_cache(tmp_path)
+    path = asyncio.run(cache.get(cached))
+    cache.close()
+    assert asyncio.run(cache.get(cached)) == path
+    with pytest.raises(FetchError) as caught:
+        asyncio.run(cache.get(other))
+    assert str(caught.value) == f"cannot fetch Wasm module {other}: the module cache is closed"
+    assert module_server.count("/other.wasm") == 0
+
+
 def test_threads_share_one_download_and_errors(module_server: ModuleServer, tmp_path: Path) -> None:
     url = module_server.serve("/gone.wasm", b"", statuses=[404], delay_s=0.3)
     cache = make_cache(tmp_path)

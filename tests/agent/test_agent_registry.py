@@ -171,29 +171,6 @@ def test_authenticated_registry_with_pull_secret_docker_config_and_bad_credentia
     keychain.close()
 
 
-def test_insecure_registry_list_is_required_for_plain_http(
-    plain_registry: Registry, push_image: PushImage, tmp_path: Path
-) -> None:
-    push_image(plain_registry, "insecure/plugin", "v1", wasm_to_oci_image(tiny_wasm("insecure")))
-    url = f"oci://{plain_registry.host}/insecure/plugin:v1"
-    strict = ModuleCache(
-        CacheOptions(dir=tmp_path / "strict", docker_config_dir=tmp_path / "none", http_max_retries=1)
-    )
-    with pytest.raises(FetchError) as error:
-        strict.get_sync(url)
-    assert error.value.metric_result == "manifest_failure"
-    strict.close()
-    listed = ModuleCache(
-        CacheOptions(
-            dir=tmp_path / "listed",
-            insecure_registries=frozenset({plain_registry.host}),
-            docker_config_dir=tmp_path / "none",
-        )
-    )
-    assert listed.get_sync(url).read_bytes() == tiny_wasm("insecure")
-    listed.close()
-
-
 def test_async_get_and_single_flight_over_the_registry(
     fault_proxy: FaultProxy, plain_registry: Registry, push_image: PushImage, tmp_path: Path
 ) -> None:

@@ -243,7 +243,7 @@ def test_cli_pull_writes_the_module_and_prints_the_digest(
     assert output.read_bytes() == wasm
     captured = capsys.readouterr()
     assert f"Digest: sha256:{hashlib.sha256(wasm).hexdigest()}" in captured.out
-    assert "100% of 0.3 MiB" in captured.err  # plain progress lines when not on a terminal
+    assert "100% of 293.0 KiB" in captured.err  # plain progress lines when not on a terminal
     assert (
         run_cli(
             ["pull", url, "-o", str(output), "--cache-dir", str(tmp_path / "cache"), "--sha256", "0" * 64]

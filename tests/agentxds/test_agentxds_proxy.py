@@ -14,9 +14,9 @@ from envoy.config.core.v3 import extension_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from wasmesh.agent.convert import EXTENSION_CONFIG_TYPE
 from wasmesh.agent.options import CacheOptions
 from wasmesh.agent.xdsproxy import AgentOptions, AgentServer, parse_http_request_target
+from wasmesh.xds.types import EXTENSION_CONFIG as EXTENSION_CONFIG_TYPE
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -218,3 +221,43 @@ def eventually(check: Any, timeout: float = 15.0, interval: float = 0.1) -> Any:
                 return last
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+class ControlPlaneProcess:
+    """A real `wasmesh control-plane` process on free ports (API and xDS), logging to a file."""
+
+    def __init__(self, *extra_args: str, log_path: Path | None = None) -> None:
+        self.api_port, self.xds_port = free_port(), free_port()
+        self.server = f"http://127.0.0.1:{self.api_port}"
+        if log_path is None:
+            handle, name = tempfile.mkstemp(prefix="wasmesh-cp-", suffix=".log")
+            os.close(handle)
+            log_path = Path(name)
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        command = [sys.executable, "-m", "wasmesh", "control-plane", "--api-port", str(self.api_port)]
+        self.process = subprocess.Popen(
+            [*command, "--xds-port", str(self.xds_port), "--log-level", "info", *extra_args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        eventually(lambda: get_json(f"{self.server}/resources/WasmPlugin")[0] == 200, timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> str:
+        """Stop it (it must exit 0) and return everything it logged."""
+        self.process.terminate()
+        self.process.wait(20)
+        self._log.close()
+        output = self.log()
+        assert self.process.returncode == 0, output[-3000:]
+        return output
+
+
+def run_wasmesh(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m wasmesh ARGV` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "wasmesh", *argv], capture_output=True, text=True, timeout=120, input=stdin
+    )

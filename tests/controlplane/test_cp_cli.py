@@ -58,9 +58,9 @@ def test_apply_get_delete(
 
     assert run(["get", "wasmplugins", "--server", server]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "PHASE", "PRIORITY", "AGE"]
-    assert lines[1].split()[:4] == ["default", "auth", "AUTHN", "7"]
-    assert lines[2].split()[:4] == ["default", "stats", "UNSPECIFIED_PHASE", "<unset>"]
+    assert lines[0].split() == ["NAME", "READY", "PHASE", "PRIORITY", "AGE"]
+    assert lines[1].split()[:4] == ["auth", "0/0", "AUTHN", "7"]
+    assert lines[2].split()[:4] == ["stats", "0/0", "UNSPECIFIED_PHASE", "<unset>"]
 
     assert run(["get", "wp", "auth", "-o", "yaml", "--server", server]) == 0
     document = yaml.safe_load(capsys.readouterr().out)
@@ -80,7 +80,7 @@ def test_apply_get_delete(
     assert "WasmPlugin default/broken" in err and "url" in err
 
     assert run(["delete", "-f", str(manifest), "--server", server]) == 0
-    assert "wasmplugin.extensions.istio.io/auth deleted" in capsys.readouterr().out
+    assert 'wasmplugin.extensions.istio.io "auth" deleted' in capsys.readouterr().out
     assert run(["get", "wasmplugins", "--server", server]) == 0
     assert "No resources found" in capsys.readouterr().err
     assert run(["delete", "-f", str(manifest), "--server", server]) == 1
@@ -109,6 +109,10 @@ def test_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path, capsys: pytest.Captu
     text = capsys.readouterr().out
     bootstrap = yaml.safe_load(text)
     assert bootstrap["node"]["metadata"]["LABELS"] == {"app": "web", "v": "1"}
+    # Plain YAML: the config sources LDS and CDS share are written out twice, with no anchors.
+    assert "&id" not in text and "*id" not in text
+    lds, cds = bootstrap["dynamic_resources"]["lds_config"], bootstrap["dynamic_resources"]["cds_config"]
+    assert lds == cds == {"ads": {}, "resource_api_version": "V3"}
     path = tmp_path / "bootstrap.yaml"
     path.write_text(text)
     result = subprocess.run(
@@ -142,7 +146,7 @@ def test_control_plane_command_as_a_process(tmp_path: Path) -> None:
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.splitlines()[1].split()[:4] == ["default", "from-dir", "UNSPECIFIED_PHASE", "3"]
+        assert result.stdout.splitlines()[1].split()[:4] == ["from-dir", "0/0", "UNSPECIFIED_PHASE", "3"]
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=20)

@@ -247,6 +247,15 @@ def higress_module(name: str) -> Path:
     return found[-1]
 
 
+def start_probe_pair(upstream: RecordingUpstream, *, root_id: str = "", vm_id: str = "") -> DifferentialPair:
+    """Envoy and a harness running the probe plugin (tests/plugins/c/probe.c) with its call cluster."""
+    require_envoy()
+    probe = require_module(TEST_PLUGINS / "probe.wasm")
+    plugin = EnvoyWasmPlugin(probe, configuration='{"probe": true}', name="probe", root_id=root_id,
+                             vm_id=vm_id)
+    return start_pair([plugin], upstream, cluster_names=["probe_call"])
+
+
 # ------------------------------------------------------------------ callbacks suite: plugins, wasmesh run
 
 

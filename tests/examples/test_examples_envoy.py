@@ -56,7 +56,7 @@ def test_rate_limit(upstream: EchoUpstream) -> None:
     assert [a.status for a in answers] == [200, 200, 429]
     assert answers[2].header("powered-by") == "proxy-wasm"
     assert answers[2].body == b"Too many requests\n"
-    assert all(a.all("who-am-i") == ["wasmesh-gateway"] for a in answers)
+    assert all(a.all("who-am-i") == ["httpbin-sidecar"] for a in answers)
     assert refilled.status == 200
 
 

@@ -82,4 +82,6 @@ def test_example_yaml_points_at_its_binary(name: str) -> None:
     assert document["kind"] == "WasmPlugin"
     assert document["metadata"]["name"] == name
     assert document["spec"]["url"] == "file://plugin.wasm"
-    assert document["spec"]["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
+    # `wasmesh up` runs rate-limit on the httpbin sidecar, the others on the gateway.
+    labels = {"app": "httpbin"} if name == "rate-limit" else {"istio": "ingressgateway"}
+    assert document["spec"]["selector"] == {"matchLabels": labels}

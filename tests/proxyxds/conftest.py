@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import wasmtime
 from pxds_support import MARK_PLUGIN_WAT
+from real_parts import require_file
 
 from wasmesh.controlplane.server import ControlPlane, ControlPlaneOptions, ControlPlaneThread
 
@@ -27,10 +28,7 @@ def mark_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tracking_plugin() -> Path:
-    path = REPO / "examples" / "request-tracking" / "plugin.wasm"
-    if not path.is_file():
-        pytest.skip("examples/request-tracking/plugin.wasm is not built (examples/build.sh)")
-    return path
+    return require_file(REPO / "examples" / "request-tracking" / "plugin.wasm", "examples/build.sh")
 
 
 class _EchoHandler(http.server.BaseHTTPRequestHandler):

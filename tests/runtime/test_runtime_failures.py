@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from runtime_support import build_module, run_request
+from runtime_support import FakeCallbacks, build_module, request, run_request
 
 from wasmesh.http.filter import FilterHeadersStatus
 from wasmesh.runtime import FailurePolicy, PluginSpec, Runtime
-from wasmesh.runtime.runtime import FAILURES_METRIC
+from wasmesh.runtime.plugin import FailClosedFilter, WasmHttpFilter, WasmPlugin
+from wasmesh.runtime.runtime import FAILURES_METRIC, RELOADS_METRIC
 
 ROOT = """
 (global $calls (mut i32) (i32.const 0))
@@ -61,17 +62,59 @@ def test_fail_open_lets_the_failing_stream_through_then_skips_the_plugin(runtime
     assert factory.create_filter() is None
 
 
-def test_fail_reload_serves_the_next_request_from_a_fresh_vm(runtime: Runtime) -> None:
+def test_fail_reload_answers_each_failing_stream_503_and_reloads_before_the_next(runtime: Runtime) -> None:
     factory = runtime.load_plugin(spec("trap", FailurePolicy.FAIL_RELOAD))
+    vms, replies = [], []
+    for _ in range(3):
+        # Each fresh VM's counter starts at zero, so its first request traps too.
+        _, callbacks = run_request(factory.create_filter())
+        vms.append(factory.vm)
+        replies.append([(r.status, r.details) for r in callbacks.local_replies])
+    assert replies == [[(503, "wasm_fail_stream")]] * 3
+    assert vms[0] is not vms[1] and vms[1] is not vms[2] and vms[0] is not vms[2]
+    assert factory.vm.failure is not None and factory.vm.failure.reason == "trap"
+    assert runtime.metrics.host_counter(RELOADS_METRIC, plugin=factory.name) == 2  # before requests 2 and 3
+
+
+TRAP_ON_HEADER = ROOT + """
+(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+  ;; trap when the request carries x-trap (0 = WasmResult::Ok, found)
+  (if (i32.eqz (call $proxy_get_header_map_value (i32.const 0) (i32.const 0x1000) (i32.const 6)
+                                                 (i32.const 0x1100) (i32.const 0x1104)))
+    (then unreachable))
+  (i32.const 0))
+"""
+
+
+def request_through(factory: WasmPlugin, extra: list[tuple[bytes, bytes]]) -> tuple[object, FakeCallbacks]:
+    filt = factory.create_filter()
+    assert isinstance(filt, WasmHttpFilter | FailClosedFilter)
+    callbacks = FakeCallbacks()
+    filt.set_callbacks(callbacks)
+    status = filt.decode_headers(request(extra=extra), True)
+    filt.on_log()
+    filt.on_destroy()
+    return status, callbacks
+
+
+def test_fail_reload_serves_the_next_request_from_a_fresh_vm(runtime: Runtime) -> None:
+    module = build_module(TRAP_ON_HEADER, data={0x1000: b"x-trap"})
+    factory = runtime.load_plugin(PluginSpec(name="trap-on-header", module=module,
+                                             failure_policy=FailurePolicy.FAIL_RELOAD))  # fmt: skip
     first_vm = factory.vm
-    status, callbacks = run_request(factory.create_filter())
-    assert [r.status for r in callbacks.local_replies] == [503]
-    # The fresh VM's counter starts at zero, so its first request traps too: count two reloads.
-    run_request(factory.create_filter())
-    assert factory.vm is not first_vm
-    status, callbacks = run_request(factory.create_filter())
-    assert factory.vm.failure is None or callbacks.local_replies
-    assert runtime.metrics.host_counter("wasmesh_plugin_reloads_total", plugin=factory.name) >= 1
+    _, callbacks = request_through(factory, [(b"x-trap", b"1")])
+    assert [(r.status, r.details) for r in callbacks.local_replies] == [(503, "wasm_fail_stream")]
+    assert factory.vm is first_vm and first_vm.failure is not None and first_vm.failure.reason == "trap"
+    assert runtime.metrics.host_counter(RELOADS_METRIC, plugin=factory.name) == 0  # reloads are lazy
+
+    status, callbacks = request_through(factory, [])
+    assert status == FilterHeadersStatus.CONTINUE and callbacks.local_replies == []
+    assert factory.vm is not first_vm and factory.vm.failure is None
+    assert runtime.metrics.host_counter(RELOADS_METRIC, plugin=factory.name) == 1
+
+    status, callbacks = request_through(factory, [])
+    assert status == FilterHeadersStatus.CONTINUE and callbacks.local_replies == []
+    assert runtime.metrics.host_counter(RELOADS_METRIC, plugin=factory.name) == 1  # a healthy VM stays
 
 
 def test_python_exception_in_a_host_call_becomes_a_trap(runtime: Runtime) -> None:

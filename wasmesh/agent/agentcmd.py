@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wasmesh.agent.options import CacheOptions
+from wasmesh.agent.options import CacheOptions, add_insecure_registry_flag, insecure_registries_from
 from wasmesh.agent.xdsproxy import AgentOptions, AgentServer
+
+log = logging.getLogger(__name__)
 
 CONVERSION_ENV = "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"
 DEFAULT_LISTEN = "127.0.0.1:15010"
@@ -46,12 +49,10 @@ def build_options(args: argparse.Namespace, env: Mapping[str, str]) -> AgentOpti
     """Agent options from the command line and Istio's agent environment variables."""
     split_host_port(args.xds, "--xds")  # validate; grpc takes the text as is
     listen_host, listen_port = split_host_port(args.listen, "--listen")
-    overrides: dict[str, object] = {"dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir()}
-    insecure = frozenset(
-        host.strip() for value in args.insecure_registries for host in value.split(",") if host.strip()
-    )
-    if insecure:
-        overrides["insecure_registries"] = insecure
+    overrides: dict[str, object] = {
+        "dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        "insecure_registries": insecure_registries_from(args.insecure_registry, env),
+    }
     cache = CacheOptions.from_env(env, overrides=overrides)
     metrics_port: int | None = None if args.metrics_port == -1 else args.metrics_port
     if metrics_port is not None and not 0 <= metrics_port < 65536:
@@ -77,11 +78,25 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(AgentServer(options).serve_forever())
+        asyncio.run(serve_until_signalled(AgentServer(options)))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def serve_until_signalled(agent: AgentServer) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (exit 0), as pilot-agent does on SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    try:
+        await stop.wait()
+        log.info("agent: stopping")
+    finally:
+        await agent.stop()
 
 
 def register(subparsers: Any) -> None:
@@ -107,12 +122,6 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_METRICS_PORT,
         help=f"port of /metrics and /ready on the --listen host (default {DEFAULT_METRICS_PORT}; -1 = off)",
     )
-    parser.add_argument(
-        "--insecure-registries",
-        action="append",
-        default=[],
-        metavar="HOSTS",
-        help="registries reachable over plain HTTP / unverified TLS (comma-separated, repeatable, '*' = all)",
-    )
+    add_insecure_registry_flag(parser)
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(handler=run_agent)

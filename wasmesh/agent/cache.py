@@ -161,7 +161,7 @@ class ModuleCache:
         self._checksums: dict[str, _ChecksumEntry] = {}
         self._claims: dict[str, ModuleKey] = {}  # resource name -> module it currently uses
         self._in_flight: dict[tuple[str, str, str], concurrent.futures.Future[Path]] = {}
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wasm-fetch")
+        self._closed = False
         self._load_index()
 
     # ----------------------------------------------------------------------------------- public API
@@ -185,10 +185,7 @@ class ModuleCache:
             return path
         future, leader = self._join_flight(request)
         if leader:
-            deadline = time.monotonic() + timeout_s
-            self._executor.submit(
-                self._lead_fetch, future, request, checksum, private_hit, deadline, on_progress
-            )
+            self._start_background_fetch(future, request, checksum, private_hit, timeout_s, on_progress)
         try:
             path = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
         except TimeoutError:
@@ -268,7 +265,8 @@ class ModuleCache:
             await asyncio.to_thread(self.purge_expired)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """No new background fetches; the ones in flight are abandoned (they never block an exit)."""
+        self._closed = True
 
     def entry_count(self) -> int:
         with self._lock:
@@ -370,6 +368,37 @@ class ModuleCache:
             future: concurrent.futures.Future[Path] = concurrent.futures.Future()
             self._in_flight[request.flight_key] = future
             return future, True
+
+    def _start_background_fetch(
+        self,
+        future: concurrent.futures.Future[Path],
+        request: ModuleRequest,
+        checksum: str,
+        private_hit: bool,
+        timeout_s: float,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        """Run the leader's fetch on a daemon thread.
+
+        Daemon, not a ThreadPoolExecutor worker: the interpreter joins executor threads at exit, so a
+        proxy told to stop while a registry stalls would wait out the request timeout (15 s by
+        default) before exiting. An abandoned fetch leaves nothing half-written: files and the index
+        are written atomically, and stray temp files are removed on the next start.
+        """
+        if self._closed:
+            with self._lock:
+                self._in_flight.pop(request.flight_key, None)
+            future.set_exception(
+                FetchError(f"cannot fetch Wasm module {request.url}: the module cache is closed")
+            )
+            return
+        deadline = time.monotonic() + timeout_s
+        threading.Thread(
+            target=self._lead_fetch,
+            args=(future, request, checksum, private_hit, deadline, on_progress),
+            name=f"wasm-fetch {request.url}",
+            daemon=True,
+        ).start()
 
     def _lead_fetch(
         self,

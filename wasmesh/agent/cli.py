@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from wasmesh.agent import agentcmd
 from wasmesh.agent.cache import ModuleCache
 from wasmesh.agent.errors import FetchError
-from wasmesh.agent.options import CacheOptions
+from wasmesh.agent.options import CacheOptions, add_insecure_registry_flag, insecure_registries_from
 
 
 def default_cache_dir() -> Path:
@@ -23,7 +23,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "wasmesh" / "modules"
 
 
-def _mebibytes(count: int) -> str:
+def human_size(count: int) -> str:
+    """Bytes below 1 KiB, then KiB below 1 MiB, then MiB: small modules read as what they are."""
+    if count < 1 << 10:
+        return f"{count} B"
+    if count < 1 << 20:
+        return f"{count / (1 << 10):.1f} KiB"
     return f"{count / (1 << 20):.1f} MiB"
 
 
@@ -48,16 +53,16 @@ class ProgressReporter:
                 filled = int(30 * received / total)
                 bar = "#" * filled + "-" * (30 - filled)
                 percent = 100 * received // total
-                text = f"\r{self.label} [{bar}] {percent:3d}% {_mebibytes(received)}/{_mebibytes(total)}"
+                text = f"\r{self.label} [{bar}] {percent:3d}% {human_size(received)}/{human_size(total)}"
             else:
-                text = f"\r{self.label} {_mebibytes(received)}"
+                text = f"\r{self.label} {human_size(received)}"
             self.stream.write(text)
             self.stream.flush()
             self.drew = True
         elif total:
             quarter = 4 * received // total
             while self._next_quarter <= quarter and self._next_quarter <= 4:
-                self.stream.write(f"{self.label}: {25 * self._next_quarter}% of {_mebibytes(total)}\n")
+                self.stream.write(f"{self.label}: {25 * self._next_quarter}% of {human_size(total)}\n")
                 self._next_quarter += 1
 
     def finish(self) -> None:
@@ -80,13 +85,11 @@ def copy_atomically(source: Path, destination: Path) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    insecure = frozenset(host for value in args.insecure_registry for host in value.split(",") if host)
     try:
         overrides: dict[str, object] = {
-            "dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+            "dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+            "insecure_registries": insecure_registries_from(args.insecure_registry, os.environ),
         }
-        if insecure:
-            overrides["insecure_registries"] = insecure
         options = CacheOptions.from_env(overrides=overrides)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -145,13 +148,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the module")
     parser.add_argument("--sha256", help="expected checksum (OCI: manifest digest hex; http: module sha256)")
-    parser.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="registry reachable over plain HTTP / unverified TLS (repeatable, comma-separated, '*' = all)",
-    )
+    add_insecure_registry_flag(parser)
     parser.add_argument("--cache-dir", help=f"module cache directory (default {default_cache_dir()})")
     parser.add_argument(
         "--pull-secret", metavar="FILE", help="dockerconfigjson file with registry credentials"

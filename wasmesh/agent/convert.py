@@ -36,21 +36,10 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2
 
 from wasmesh.agent.errors import FetchError
 from wasmesh.agent.metrics import AgentMetrics
+from wasmesh.xds import types
 
 log = logging.getLogger("wasmesh.agent.convert")
 
-EXTENSION_CONFIG_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-HTTP_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
-NETWORK_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
-UDPA_TYPED_STRUCT_TYPE = "type.googleapis.com/udpa.type.v1.TypedStruct"
-XDS_TYPED_STRUCT_TYPE = "type.googleapis.com/xds.type.v3.TypedStruct"
-
-# The VM environment keys istiod adds for the agent (pilot/pkg/model/wasm.go); every ISTIO_META_* key
-# is stripped before Envoy sees the config, so none leaks into the plugin's environment.
-ISTIO_META_PREFIX = "ISTIO_META_"
-ENV_PULL_SECRET = "ISTIO_META_WASM_IMAGE_PULL_SECRET"
-ENV_PULL_POLICY = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
-ENV_RESOURCE_VERSION = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
 KNOWN_PULL_POLICIES = ("UNSPECIFIED_POLICY", "IfNotPresent", "Always")
 
 # Istio's fallback when the HttpUri carries no timeout (istiod always sends 30 s).
@@ -120,6 +109,17 @@ class ResourceConversion:
     resource: any_pb2.Any
     result: str
     error: str = ""  # non-empty: the resource is unreadable and the response must be NACKed
+    # non-empty: the module could not be fetched and ``resource`` is the RBAC fallback; one line naming
+    # the resource, for the control plane (see ``wasmesh.agent.xdsproxy``'s fetch-failure report)
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class ConvertedResponse:
+    """The resources to forward to Envoy, and one line per resource served as the RBAC fallback."""
+
+    resources: list[any_pb2.Any]
+    fallbacks: list[str]
 
 
 def fails_open(config: wasm_pb2.PluginConfig) -> bool:
@@ -157,9 +157,9 @@ def _struct_to_wasm(struct_any: any_pb2.Any, wrapper: message.Message) -> WasmFi
     inner_type = str(getattr(wrapper, "type_url"))  # noqa: B009 - both TypedStruct kinds have it
     value = getattr(wrapper, "value")  # noqa: B009
     target: WasmFilter
-    if inner_type == HTTP_WASM_TYPE:
+    if inner_type == types.HTTP_WASM:
         target = http_wasm_pb2.Wasm()
-    elif inner_type == NETWORK_WASM_TYPE:
+    elif inner_type == types.NETWORK_WASM:
         target = network_wasm_pb2.Wasm()
     else:
         return None
@@ -176,7 +176,7 @@ def parse_resource(resource: any_pb2.Any) -> _RemoteWasm | None:
     Raises ``_Unreadable`` for anything that cannot be decoded, as istio-agent's ``tryUnmarshal``.
     """
     extension = extension_pb2.TypedExtensionConfig()
-    if resource.type_url != EXTENSION_CONFIG_TYPE:
+    if resource.type_url != types.EXTENSION_CONFIG:
         raise _Unreadable(
             f"failed to unmarshal extension config resource: unexpected type {resource.type_url}"
         )
@@ -189,15 +189,15 @@ def parse_resource(resource: any_pb2.Any) -> _RemoteWasm | None:
     typed = extension.typed_config
     wasm: WasmFilter | None
     try:
-        if typed.type_url == HTTP_WASM_TYPE:
+        if typed.type_url == types.HTTP_WASM:
             wasm = http_wasm_pb2.Wasm()
             typed.Unpack(wasm)
-        elif typed.type_url == NETWORK_WASM_TYPE:
+        elif typed.type_url == types.NETWORK_WASM:
             wasm = network_wasm_pb2.Wasm()
             typed.Unpack(wasm)
-        elif typed.type_url == UDPA_TYPED_STRUCT_TYPE:
+        elif typed.type_url == types.UDPA_TYPED_STRUCT:
             wasm = _struct_to_wasm(typed, udpa_typed_struct_pb2.TypedStruct())
-        elif typed.type_url == XDS_TYPED_STRUCT_TYPE:
+        elif typed.type_url == types.XDS_TYPED_STRUCT:
             wasm = _struct_to_wasm(typed, xds_typed_struct_pb2.TypedStruct())
         else:
             return None
@@ -237,13 +237,13 @@ def take_fetch_order(vm_config: wasm_pb2.VmConfig, config_name: str) -> _FetchOr
     if vm_config.HasField("environment_variables"):
         env = vm_config.environment_variables
         values = env.key_values
-        if ENV_PULL_SECRET in values:
-            secret_missing = values[ENV_PULL_SECRET] == ""
-            pull_secret = values[ENV_PULL_SECRET].encode()
-        if values.get(ENV_PULL_POLICY, "") in KNOWN_PULL_POLICIES:
-            pull_policy = values[ENV_PULL_POLICY]
-        resource_version = values.get(ENV_RESOURCE_VERSION, "")
-        for key in [key for key in values if key.startswith(ISTIO_META_PREFIX)]:
+        if types.ENV_PULL_SECRET in values:
+            secret_missing = values[types.ENV_PULL_SECRET] == ""
+            pull_secret = values[types.ENV_PULL_SECRET].encode()
+        if values.get(types.ENV_PULL_POLICY, "") in KNOWN_PULL_POLICIES:
+            pull_policy = values[types.ENV_PULL_POLICY]
+        resource_version = values.get(types.ENV_RESOURCE_VERSION, "")
+        for key in [key for key in values if key.startswith(types.ISTIO_META_PREFIX)]:
             del values[key]
         if not values and not env.host_env_keys:
             vm_config.ClearField("environment_variables")
@@ -285,8 +285,12 @@ class EcdsConverter:
 
         Raises ``ConversionError`` when the response must be NACKed.
         """
+        return (await self.convert_response_reporting(resources)).resources
+
+    async def convert_response_reporting(self, resources: Sequence[any_pb2.Any]) -> ConvertedResponse:
+        """Like ``convert_response``, also naming the resources replaced by the RBAC fallback."""
         if not self.enabled:
-            return list(resources)
+            return ConvertedResponse(list(resources), [])
         started = time.monotonic()
         try:
             outcomes = await asyncio.gather(*(self.convert_resource(resource) for resource in resources))
@@ -299,7 +303,10 @@ class EcdsConverter:
             message_text = "; ".join(errors)
             log.error("error in applying failopen rbac config: %s", message_text)
             raise ConversionError(message_text)
-        return [outcome.resource for outcome in outcomes]
+        return ConvertedResponse(
+            [outcome.resource for outcome in outcomes],
+            [outcome.fallback for outcome in outcomes if outcome.fallback],
+        )
 
     async def convert_resource(self, resource: any_pb2.Any) -> ResourceConversion:
         """Convert one resource and count it in ``istio_agent_wasm_config_conversion_count``."""
@@ -324,7 +331,9 @@ class EcdsConverter:
                 "allow" if allow else "deny",
             )
             fallback = fallback_rbac(remote.extension.name, network=remote.is_network, allow=allow)
-            return ResourceConversion(fallback, exc.result)
+            served = "allow-all" if allow else "deny-all"
+            report = f"{remote.extension.name}: {exc} (serving the {served} RBAC fallback)"
+            return ResourceConversion(fallback, exc.result, fallback=report)
         vm_config = plugin_config(remote.wasm).vm_config
         vm_config.code.CopyFrom(base_pb2.AsyncDataSource(local=base_pb2.DataSource(filename=str(path))))
         remote.extension.typed_config.CopyFrom(_pack(remote.wasm))  # a TypedStruct comes out typed

@@ -1,15 +1,17 @@
 """A small OCI distribution-spec client: references, manifest and blob GETs, and registry auth.
 
 Auth follows the registry's ``WWW-Authenticate`` challenge: Basic (credentials sent as is) or Bearer
-(a token from ``realm`` for ``service``/``scope``, read from ``token`` or ``access_token``). Plain HTTP
-is used only for registries the caller marks insecure (after HTTPS fails), unlike go-containerregistry,
-which also speaks plain HTTP to loopback and private addresses on its own.
+(a token from ``realm`` for ``service``/``scope``, read from ``token`` or ``access_token``).
+
+Schemes follow go-containerregistry (Istio's fetcher): HTTPS first, then plain HTTP, for registries the
+caller marks insecure and for local ones (:func:`is_local_registry`); every other registry is HTTPS only.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import re
 import threading
@@ -38,6 +40,58 @@ _REPOSITORY_RE = re.compile(
 )
 # Docker Hub's API is served from this host, not from index.docker.io.
 _DOCKER_HUB_API_HOST = "registry-1.docker.io"
+_RFC1918_NETWORKS = tuple(
+    ipaddress.IPv4Network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+)
+INSECURE_REGISTRY_HINT = "--insecure-registry {host} (or WASM_INSECURE_REGISTRIES)"
+
+
+def _split_registry_host(registry: str) -> tuple[str, str] | None:
+    """(host, port) of ``host[:port]`` or ``[v6][:port]`` (port may be ""); None if malformed."""
+    if registry.startswith("["):
+        host, bracket, rest = registry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    elif registry.count(":") > 1:  # a bare IPv6 address, as go-containerregistry accepts "::1"
+        host, port = registry, ""
+    else:
+        host, _, port = registry.partition(":")
+        if ":" in registry and not port:
+            return None
+    if port and not port.isdigit():
+        return None
+    return host, port
+
+
+def is_local_registry(registry: str) -> bool:
+    """Whether ``registry`` gets plain HTTP after HTTPS without being listed insecure.
+
+    go-containerregistry's ``Registry.Scheme()`` (pkg/name/registry.go), as Istio's fetcher uses it:
+    ``localhost[:PORT]``, ``*.localhost[:PORT]``, exactly ``127.0.0.1[:PORT]``, ``::1`` / ``[::1]:PORT``,
+    and RFC 1918 addresses (10/8, 172.16/12, 192.168/16). Anything else, 127.0.0.2 included, is
+    HTTPS only. (go-containerregistry matches "127.0.0.1" and "::1" anywhere in the name; wasmesh
+    takes the addresses exactly.)
+    """
+    parts = _split_registry_host(registry.strip().lower())
+    if parts is None:
+        return False
+    host = parts[0]
+    if host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in _RFC1918_NETWORKS)
+
+
+class PlainHttpRegistryError(TransportError):
+    """A registry that may only be reached over HTTPS answered the TLS handshake in plain HTTP."""
+
+    def __init__(self, url: str, registry: str) -> None:
+        hint = INSECURE_REGISTRY_HINT.format(host=registry)
+        super().__init__(url, f"registry {registry} speaks plain HTTP; add it with {hint}")
 
 
 @dataclass(frozen=True)
@@ -228,14 +282,23 @@ class RegistryClient:
     ) -> None:
         self.registry = registry
         self.credential = credential
-        self.insecure = insecure
+        self.insecure = insecure  # listed insecure: TLS is not verified, plain HTTP is allowed
+        self.plain_http_allowed = insecure or is_local_registry(registry)
         self.request_timeout_s = request_timeout_s
         self.max_attempts = max(max_attempts, 1)
         self.initial_backoff_s = initial_backoff_s
         api_host = _DOCKER_HUB_API_HOST if registry == DOCKER_HUB_REGISTRY else registry
-        self._base_urls = [f"https://{api_host}"] + ([f"http://{api_host}"] if insecure else [])
+        self._base_urls = [f"https://{api_host}"] + (
+            [f"http://{api_host}"] if self.plain_http_allowed else []
+        )
         self._authorization: dict[str, str] = {}  # scope -> Authorization header value
         self._lock = threading.Lock()
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Where requests go, in the order they are tried (the scheme that answered, once known)."""
+        with self._lock:
+            return tuple(self._base_urls)
 
     def _auth_header(self, scope: str) -> dict[str, str]:
         with self._lock:
@@ -297,6 +360,8 @@ class RegistryClient:
                     body_digest.update if body_digest else None,
                     on_progress,
                 )
+            except PlainHttpRegistryError:
+                raise  # asking again cannot change the registry's scheme
             except TransportError as exc:
                 if exc.timed_out or last:
                     raise
@@ -319,7 +384,7 @@ class RegistryClient:
         on_chunk: Callable[[bytes], None] | None,
         on_progress: ProgressCallback | None,
     ) -> HttpResponse:
-        """One GET, on HTTPS and (insecure registries only) then on plain HTTP."""
+        """One GET, on HTTPS and (insecure and local registries only) then on plain HTTP."""
         last_error: TransportError | None = None
         for base_url in list(self._base_urls):
             try:
@@ -334,6 +399,8 @@ class RegistryClient:
                     on_progress=on_progress,
                 )
             except TransportError as exc:
+                if exc.tls_plain_http and not self.plain_http_allowed:
+                    raise PlainHttpRegistryError(f"{base_url}/v2/{path}", self.registry) from None
                 last_error = exc
                 if exc.timed_out:
                     break
@@ -435,9 +502,11 @@ class RegistryClient:
             )
         digest = "sha256:" + hashlib.sha256(response.body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
+            # A registry (or anything between) that serves other content for a digest is refused,
+            # as go-containerregistry does ("manifest digest: ... does not match requested digest").
             raise FetchError(
-                f"could not fetch manifest: manifest {reference} from {self.registry}/{repository} "
-                f"has digest {digest}",
+                f"could not fetch manifest: manifest digest {digest} does not match requested digest "
+                f"{reference} for {self.registry}/{repository}@{reference}",
                 FetchResult.MANIFEST_FAILURE,
             )
         return response.body, response.headers.get("content-type", ""), digest

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,35 @@ DEFAULT_GET_TIMEOUT_S = 30.0
 DEFAULT_CACHE_DIR = Path("/var/lib/istio/data")
 
 PULL_POLICIES = ("UNSPECIFIED_POLICY", "IfNotPresent", "Always")
+INSECURE_REGISTRIES_ENV = "WASM_INSECURE_REGISTRIES"
+
+
+def split_hosts(values: Iterable[str]) -> frozenset[str]:
+    """Hosts of repeatable, comma-separated values (``["a:5000,b", "c"]``); blanks are dropped."""
+    return frozenset(host.strip() for value in values for host in value.split(",") if host.strip())
+
+
+def insecure_registries_from(flag_values: Iterable[str], env: Mapping[str, str]) -> frozenset[str]:
+    """``--insecure-registry`` values together with istio-agent's ``WASM_INSECURE_REGISTRIES``.
+
+    Both are allow-lists, so they add up (a flag never narrows what the environment allows).
+    """
+    return split_hosts(flag_values) | split_hosts([env.get(INSECURE_REGISTRIES_ENV, "")])
+
+
+def add_insecure_registry_flag(parser: argparse.ArgumentParser) -> None:
+    """``--insecure-registry HOST[,HOST...]`` (repeatable), spelled the same by every command."""
+    parser.add_argument(
+        "--insecure-registry",
+        "--insecure-registries",  # the agent's earlier spelling, kept as an alias
+        dest="insecure_registry",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="registry reached over plain HTTP or unverified TLS (repeatable, comma lists, '*' = all; "
+        f"adds to ${INSECURE_REGISTRIES_ENV}). localhost, 127.0.0.1, ::1 and RFC 1918 addresses "
+        "need none: they get plain HTTP after HTTPS",
+    )
 
 
 @dataclass(frozen=True)
@@ -70,10 +100,8 @@ class CacheOptions:
         """
         source = os.environ if env is None else env
         values: dict[str, object] = {}
-        if "WASM_INSECURE_REGISTRIES" in source:
-            values["insecure_registries"] = frozenset(
-                host.strip() for host in source["WASM_INSECURE_REGISTRIES"].split(",") if host.strip()
-            )
+        if INSECURE_REGISTRIES_ENV in source:
+            values["insecure_registries"] = split_hosts([source[INSECURE_REGISTRIES_ENV]])
         durations = {
             "WASM_MODULE_EXPIRY": "module_expiry_s",
             "WASM_PURGE_INTERVAL": "purge_interval_s",

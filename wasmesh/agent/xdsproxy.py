@@ -4,7 +4,9 @@ Like istio-agent's ``xds_proxy.go``, every downstream (Envoy) stream gets its ow
 Requests go upstream untouched; responses come back untouched — except ECDS responses, whose Wasm
 resources are converted to local files first (``wasmesh.agent.convert``). When a response holds a
 resource the agent cannot read, the agent NACKs it upstream itself (code 13, Envoy's last ACKed ECDS
-version, the response's nonce) and Envoy never sees it.
+version, the response's nonce) and Envoy never sees it. When a module cannot be fetched, Envoy gets the
+RBAC fallback and ACKs it; that ACK goes upstream as a fetch-failure report (error_detail code
+``FETCH_FAILURE_CODE``, one part per resource), so the control plane's plugin status shows the failure.
 
 ECDS responses are converted one at a time per stream, in arrival order, while other types keep
 flowing: a slow download never delays LDS/CDS, and an older ECDS version can never overtake a newer one
@@ -26,9 +28,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from wasmesh.agent.cache import ModuleCache
-from wasmesh.agent.convert import EXTENSION_CONFIG_TYPE, ConversionError, EcdsConverter
+from wasmesh.agent.convert import ConversionError, EcdsConverter
 from wasmesh.agent.metrics import AgentMetrics
 from wasmesh.agent.options import CacheOptions
+from wasmesh.xds import types
+from wasmesh.xds.server import FETCH_FAILURE_CODE
 
 log = logging.getLogger("wasmesh.agent.xdsproxy")
 
@@ -50,7 +54,7 @@ class EcdsAckState:
     resource_names: list[str] = field(default_factory=list)
 
     def observe(self, request: discovery_pb2.DiscoveryRequest) -> None:
-        if request.type_url != EXTENSION_CONFIG_TYPE:
+        if request.type_url != types.EXTENSION_CONFIG:
             return
         if not request.HasField("error_detail"):
             self.last_ack_version = request.version_info
@@ -65,7 +69,7 @@ class EcdsAckState:
         """
         return discovery_pb2.DiscoveryRequest(
             version_info=self.last_ack_version,
-            type_url=EXTENSION_CONFIG_TYPE,
+            type_url=types.EXTENSION_CONFIG,
             response_nonce=response.nonce,
             resource_names=self.resource_names,
             error_detail=status_pb2.Status(code=NACK_CODE, message=reason),
@@ -94,6 +98,8 @@ class _ProxiedStream:
         self.to_envoy: asyncio.Queue[discovery_pb2.DiscoveryResponse | BaseException | object]
         self.to_envoy = asyncio.Queue()
         self.ecds_responses: asyncio.Queue[discovery_pb2.DiscoveryResponse] = asyncio.Queue()
+        # nonce of a response sent to Envoy with RBAC fallbacks → the fetch failures, until Envoy answers it
+        self.fetch_reports: dict[str, str] = {}
 
     async def _upstream_requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
         while True:
@@ -106,14 +112,14 @@ class _ProxiedStream:
         try:
             async for request in self.downstream:
                 self.ecds.observe(request)
-                self.to_upstream.put_nowait(request)
+                self.to_upstream.put_nowait(self._with_fetch_report(request))
         finally:
             self.to_upstream.put_nowait(_END)  # Envoy closed: half-close upstream too
 
     async def _forward_responses(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
             async for response in call:
-                if response.type_url == EXTENSION_CONFIG_TYPE:
+                if response.type_url == types.EXTENSION_CONFIG:
                     self.ecds_responses.put_nowait(response)
                 else:
                     self.to_envoy.put_nowait(response)
@@ -122,11 +128,32 @@ class _ProxiedStream:
             return
         self.to_envoy.put_nowait(_END)
 
+    def _with_fetch_report(self, request: discovery_pb2.DiscoveryRequest) -> discovery_pb2.DiscoveryRequest:
+        """Envoy's answer to a response that carried RBAC fallbacks, with the fetch failures added.
+
+        Envoy ACKs the fallbacks; the control plane still has to learn that the modules did not load,
+        so the ACK goes upstream as a report with code FETCH_FAILURE_CODE naming each resource (the
+        control plane counts it as ACKed, not rejected). A NACK gets the failures appended.
+        """
+        if request.type_url != types.EXTENSION_CONFIG:
+            return request
+        report = self.fetch_reports.pop(request.response_nonce, None)
+        if report is None:
+            return request
+        rewritten = discovery_pb2.DiscoveryRequest()
+        rewritten.CopyFrom(request)
+        if request.HasField("error_detail"):
+            rewritten.error_detail.message = f"{request.error_detail.message}; {report}"
+        else:
+            rewritten.error_detail.CopyFrom(status_pb2.Status(code=FETCH_FAILURE_CODE, message=report))
+        return rewritten
+
     async def _convert_ecds(self) -> None:
         while True:
             response = await self.ecds_responses.get()
             try:
-                resources = await self.converter.convert_response(response.resources)
+                converted_response = await self.converter.convert_response_reporting(response.resources)
+                resources = converted_response.resources
             except ConversionError as exc:
                 log.warning(
                     "xDS proxy %s: NACK ECDS version %s nonce %s: %s",
@@ -137,6 +164,8 @@ class _ProxiedStream:
                 )
                 self.to_upstream.put_nowait(self.ecds.nack(response, str(exc)))
                 continue
+            if converted_response.fallbacks:
+                self.fetch_reports[response.nonce] = "; ".join(converted_response.fallbacks)
             converted = discovery_pb2.DiscoveryResponse()
             converted.CopyFrom(response)
             del converted.resources[:]

@@ -101,5 +101,12 @@ def build_bootstrap(
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a shared object out in full each time: no `&id001` anchors or `*id001` aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render_bootstrap(bootstrap: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(bootstrap), sort_keys=False)
+    return yaml.dump(dict(bootstrap), Dumper=_PlainDumper, sort_keys=False)

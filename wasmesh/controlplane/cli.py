@@ -37,30 +37,56 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=run_control_plane)
 
-    for name, verb in (("apply", "create or update"), ("delete", "delete")):
-        parser = subparsers.add_parser(name, help=f"{verb} resources on the control plane")
-        parser.add_argument(
-            "-f",
-            "--filename",
-            action="append",
-            required=True,
-            help="file or directory of YAML/JSON documents ('-' for stdin); repeatable",
-        )
-        parser.add_argument(
-            "--server",
-            default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
-            help=f"control plane API URL (env {SERVER_ENV}, default {DEFAULT_SERVER})",
-        )
-        parser.set_defaults(handler=run_apply if name == "apply" else run_delete)
+    server_help = f"control plane API URL (env {SERVER_ENV}, default {DEFAULT_SERVER})"
+    apply = subparsers.add_parser("apply", help="create or update resources on the control plane")
+    apply.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="file or directory of YAML/JSON documents ('-' for stdin); repeatable",
+    )
+    apply.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    apply.set_defaults(handler=run_apply)
+
+    delete = subparsers.add_parser(
+        "delete",
+        help="delete resources on the control plane (kubectl-like: -f FILE, or RESOURCE NAME..., or --all)",
+    )
+    delete.add_argument("resource", nargs="?", help="wasmplugins | workloads | gateways | secrets")
+    delete.add_argument("names", nargs="*", metavar="NAME")
+    delete.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        help="file or directory of YAML/JSON documents ('-' for stdin); repeatable",
+    )
+    delete.add_argument("-n", "--namespace", help="namespace of the named resources (default: default)")
+    delete.add_argument("-A", "--all-namespaces", action="store_true", help="with --all: in every namespace")
+    delete.add_argument(
+        "--all", action="store_true", help="delete every resource of the type (in the namespace)"
+    )
+    delete.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    delete.set_defaults(handler=run_delete)
 
     get = subparsers.add_parser("get", help="list resources on the control plane (kubectl-like)")
     get.add_argument("resource", help="wasmplugins | workloads | gateways | secrets")
     get.add_argument("name", nargs="?")
-    get.add_argument("-n", "--namespace")
-    get.add_argument("-A", "--all-namespaces", action="store_true")
-    get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
-    get.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER))
+    get.add_argument("-n", "--namespace", help="namespace (default: default)")
+    get.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
+    get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json", "name"), default="table")
+    get.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
     get.set_defaults(handler=run_get)
+
+    describe = subparsers.add_parser(
+        "describe", help="show a resource in detail, with per-proxy plugin status (kubectl-like)"
+    )
+    describe.add_argument("resource", help="wasmplugins | workloads | gateways | secrets")
+    describe.add_argument("name", nargs="?", help="default: every resource of the type in the namespace")
+    describe.add_argument("-n", "--namespace", help="namespace (default: default)")
+    describe.add_argument("-A", "--all-namespaces", action="store_true", help="without NAME: every namespace")
+    describe.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    describe.set_defaults(handler=run_describe)
 
     boot = subparsers.add_parser(
         "envoy-bootstrap", help="print an Envoy bootstrap pointing at the control plane"
@@ -93,6 +119,10 @@ def run_control_plane(args: argparse.Namespace) -> int:
     return 0
 
 
+class ServerUnreachable(Exception):
+    """The control plane API did not answer."""
+
+
 def _request(server: str, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         f"{server.rstrip('/')}{path}", data=body, method=method, headers={"Content-Type": "application/yaml"}
@@ -101,11 +131,50 @@ def _request(server: str, method: str, path: str, body: bytes | None = None) -> 
         with urllib.request.urlopen(request, timeout=30) as response:
             return int(response.status), json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        payload = exc.read() or b"{}"
+        try:
+            return exc.code, json.loads(payload)
+        except ValueError:
+            return exc.code, {"errors": [payload.decode("utf-8", "replace").strip()]}
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServerUnreachable(f"cannot reach the control plane at {server}: {exc}") from None
 
 
-def _send_files(args: argparse.Namespace, path: str) -> int:
-    files, errors = expand_paths(args.filename)
+# kubectl names a type by its plural and API group in messages ("wasmplugins.extensions.istio.io").
+_GROUPS = {
+    "WasmPlugin": "extensions.istio.io",
+    "Secret": "",
+    "Workload": "wasmesh.io",
+    "Gateway": "wasmesh.io",
+}
+
+
+def _group(kind: str) -> str:
+    return _GROUPS.get(kind, "wasmesh.io") or "v1"
+
+
+def _singular(kind: str) -> str:
+    """`wasmplugin.extensions.istio.io`, `secret`: how kubectl names one object's type."""
+    group = _GROUPS.get(kind, "wasmesh.io")
+    return f"{kind.lower()}.{group}" if group else kind.lower()
+
+
+def _plural(kind: str) -> str:
+    group = _GROUPS.get(kind, "wasmesh.io")
+    return f"{kind.lower()}s.{group}" if group else f"{kind.lower()}s"
+
+
+def _not_found(kind: str, name: str) -> str:
+    return f'Error from server (NotFound): {_plural(kind)} "{name}" not found'
+
+
+def _print_errors(reply: dict[str, Any]) -> None:
+    for error in reply.get("errors", []):
+        print(f"error: {error}", file=sys.stderr)
+
+
+def _send_files(server: str, filenames: list[str], path: str) -> int:
+    files, errors = expand_paths(filenames)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     failed = bool(errors)
@@ -118,28 +187,91 @@ def _send_files(args: argparse.Namespace, path: str) -> int:
             continue
         try:
             source = "-" if str(file) == "-" else str(file.resolve())
-            _status, reply = _request(args.server, "POST", f"{path}?source={quote(source)}", text.encode())
-        except (urllib.error.URLError, OSError) as exc:
-            print(f"error: cannot reach the control plane at {args.server}: {exc}", file=sys.stderr)
+            _status, reply = _request(server, "POST", f"{path}?source={quote(source)}", text.encode())
+        except ServerUnreachable as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
+        for warning in reply.get("warnings", []):
+            print(f"Warning: {warning}", file=sys.stderr)
         for result in reply.get("results", []):
-            print(f"{result['kind'].lower()}.{_group(result['kind'])}/{result['name']} {result['action']}")
-        for error in reply.get("errors", []):
-            print(f"error: {error}", file=sys.stderr)
+            _print_result(result)
+        if reply.get("errors"):
+            _print_errors(reply)
             failed = True
     return 1 if failed else 0
 
 
-def _group(kind: str) -> str:
-    return {"WasmPlugin": "extensions.istio.io", "Secret": "v1"}.get(kind, "wasmesh.io")
+def _print_result(result: dict[str, Any]) -> None:
+    kind = str(result["kind"])
+    if result["action"] == "deleted":  # kubectl: wasmplugin.extensions.istio.io "auth" deleted
+        print(f'{_singular(kind)} "{result["name"]}" deleted')
+    else:  # kubectl: wasmplugin.extensions.istio.io/auth created
+        print(f"{_singular(kind)}/{result['name']} {result['action']}")
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    return _send_files(args, "/apply")
+    return _send_files(args.server, args.filename, "/apply")
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    return _send_files(args, "/delete")
+    if args.filename:
+        if args.resource or args.all:
+            print("error: use either -f FILE or RESOURCE NAME / --all, not both", file=sys.stderr)
+            return 2
+        return _send_files(args.server, args.filename, "/delete")
+    if not args.resource:
+        print("error: you must specify -f FILE, or a resource type with NAME or --all", file=sys.stderr)
+        return 2
+    try:
+        kind = canonical_kind(args.resource)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.all and args.names:
+        print("error: NAME and --all cannot be combined", file=sys.stderr)
+        return 2
+    if args.all_namespaces and not args.all:
+        print(
+            "error: a resource cannot be deleted by name across all namespaces (-A needs --all)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.all and not args.names:
+        print(
+            "error: resource(s) were provided, but no name was specified (give NAME or --all)",
+            file=sys.stderr,
+        )
+        return 2
+    namespace = args.namespace or "default"
+    try:
+        if args.all:
+            query = "" if args.all_namespaces else f"?namespace={quote(namespace)}"
+            _status, reply = _request(args.server, "DELETE", f"/resources/{kind}{query}")
+            results: list[dict[str, Any]] = reply.get("results", [])
+            for result in results:
+                _print_result(result)
+            if not results and not reply.get("errors"):
+                where = "" if args.all_namespaces else f" in {namespace} namespace"
+                print(f"No resources found{where}.", file=sys.stderr)
+            _print_errors(reply)
+            return 1 if reply.get("errors") else 0
+        failed = False
+        for name in args.names:
+            status, reply = _request(
+                args.server, "DELETE", f"/resources/{kind}/{quote(namespace)}/{quote(name)}"
+            )
+            for result in reply.get("results", []):
+                _print_result(result)
+            if status == 404:
+                print(_not_found(kind, name), file=sys.stderr)
+                failed = True
+            elif status != 200:
+                _print_errors(reply)
+                failed = True
+        return 1 if failed else 0
+    except ServerUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def format_age(created: str, now: datetime | None = None) -> str:
@@ -161,9 +293,31 @@ def _phase(spec: dict[str, Any]) -> str:
     return names.get(phase, str(phase)) if isinstance(phase, int) else str(phase)
 
 
-def render_table(kind: str, items: list[dict[str, Any]], all_namespaces: bool = True) -> str:
+def _columns(rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    lines = [
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _ready(status: dict[str, Any] | None) -> str:
+    """kubectl's READY: proxies that loaded the plugin / proxies it selects."""
+    if status is None:
+        return "0/0"
+    return f"{status.get('ready', 0)}/{status.get('selected', 0)}"
+
+
+def render_table(
+    kind: str,
+    items: list[dict[str, Any]],
+    all_namespaces: bool = True,
+    statuses: dict[tuple[str, str], dict[str, Any]] | None = None,
+    wide: bool = False,
+) -> str:
     if kind == "WasmPlugin":
-        header = ["NAMESPACE", "NAME", "PHASE", "PRIORITY", "AGE"]
+        header = ["NAMESPACE", "NAME", "READY", "PHASE", "PRIORITY", "AGE"] + (["URL"] if wide else [])
     elif kind in ("Workload", "Gateway"):
         header = ["NAMESPACE", "NAME", "LISTENERS", "CLUSTERS", "AGE"]
     else:
@@ -172,61 +326,232 @@ def render_table(kind: str, items: list[dict[str, Any]], all_namespaces: bool = 
     for item in items:
         metadata = item.get("metadata", {})
         spec = item.get("spec") or {}
-        row = [str(metadata.get("namespace", "default")), str(metadata.get("name", ""))]
+        namespace, name = str(metadata.get("namespace", "default")), str(metadata.get("name", ""))
+        row = [namespace, name]
         if kind == "WasmPlugin":
             priority = spec.get("priority")
-            row += [_phase(spec), "<unset>" if priority is None else str(priority)]
+            status = (statuses or {}).get((namespace, name))
+            row += [_ready(status), _phase(spec), "<unset>" if priority is None else str(priority)]
         elif kind in ("Workload", "Gateway"):
             ports = ",".join(str(listener.get("port")) for listener in spec.get("listeners", []))
             row += [ports or "<none>", str(len(spec.get("clusters", [])))]
         else:
             row += [str(item.get("type", ""))]
         row.append(format_age(str(metadata.get("creationTimestamp", ""))))
+        if kind == "WasmPlugin" and wide:
+            row.append(str(spec.get("url", "")))
         rows.append(row if all_namespaces else row[1:])
     if not all_namespaces:
         header = header[1:]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
-    lines = [
-        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines) + "\n"
+    return _columns([header, *rows])
 
 
-def run_get(args: argparse.Namespace) -> int:
+def _plugin_statuses(server: str, namespace: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+    query = f"?namespace={quote(namespace)}" if namespace else ""
+    status, reply = _request(server, "GET", f"/status/wasmplugins{query}")
+    if status != 200:
+        return {}
+    return {(str(item["namespace"]), str(item["name"])): item for item in reply.get("items", [])}
+
+
+def _fetch_items(
+    server: str, kind: str, name: str | None, namespace: str | None
+) -> tuple[list[dict[str, Any]] | None, int]:
+    """The stored documents asked for; (None, exit code) after printing the error."""
+    if name:
+        status, reply = _request(
+            server, "GET", f"/resources/{kind}/{quote(namespace or 'default')}/{quote(name)}"
+        )
+        if status == 404:
+            print(_not_found(kind, name), file=sys.stderr)
+            return None, 1
+        if status != 200:
+            _print_errors(reply)
+            return None, 1
+        return [reply], 0
+    query = f"?namespace={quote(namespace)}" if namespace else ""
+    status, reply = _request(server, "GET", f"/resources/{kind}{query}")
+    if status != 200:
+        _print_errors(reply)
+        return None, 1
+    return list(reply.get("items", [])), 0
+
+
+def _scope(args: argparse.Namespace) -> tuple[str, str | None] | int:
+    """(kind, namespace or None for all) from the arguments, or an exit code after an error."""
     try:
         kind = canonical_kind(args.resource)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    namespace = None if args.all_namespaces else args.namespace
-    query = f"?namespace={namespace}" if namespace else ""
+    if args.all_namespaces and args.name:
+        print("error: a resource cannot be retrieved by name across all namespaces", file=sys.stderr)
+        return 2
+    return kind, None if args.all_namespaces else (args.namespace or "default")
+
+
+def run_get(args: argparse.Namespace) -> int:
+    scope = _scope(args)
+    if isinstance(scope, int):
+        return scope
+    kind, namespace = scope
     try:
-        status, reply = _request(args.server, "GET", f"/resources/{kind}{query}")
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"error: cannot reach the control plane at {args.server}: {exc}", file=sys.stderr)
+        items, code = _fetch_items(args.server, kind, args.name, namespace)
+        if items is None:
+            return code
+        if args.output == "json":
+            payload: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
+            print(json.dumps(payload, indent=2))
+        elif args.output == "yaml":
+            payload = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
+            print(yaml.safe_dump(payload, sort_keys=False), end="")
+        elif args.output == "name":
+            for item in items:
+                print(f"{_singular(kind)}/{item.get('metadata', {}).get('name', '')}")
+        elif not items:
+            where = f" in {namespace} namespace" if namespace else ""
+            print(f"No resources found{where}.", file=sys.stderr)
+        else:
+            statuses = _plugin_statuses(args.server, namespace) if kind == "WasmPlugin" else None
+            print(
+                render_table(
+                    kind,
+                    items,
+                    all_namespaces=namespace is None,
+                    statuses=statuses,
+                    wide=args.output == "wide",
+                ),
+                end="",
+            )
+    except ServerUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    if status != 200:
-        for error in reply.get("errors", []):
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    items: list[dict[str, Any]] = reply.get("items", [])
-    if args.name:
-        items = [item for item in items if item.get("metadata", {}).get("name") == args.name]
-        if not items:
-            print(f'Error from server (NotFound): {args.resource} "{args.name}" not found', file=sys.stderr)
-            return 1
-    if args.output == "json":
-        payload: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
-        print(json.dumps(payload, indent=2))
-    elif args.output == "yaml":
-        payload = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
-        print(yaml.safe_dump(payload, sort_keys=False), end="")
-    elif not items:
-        where = f" in {namespace} namespace" if namespace else ""
-        print(f"No resources found{where}.", file=sys.stderr)
+    return 0
+
+
+def _describe_value(value: Any, indent: int) -> list[str]:
+    """kubectl describe's nested `Key:  value` layout for a spec."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        if not value:
+            return [f"{pad}<empty>"]
+        lines: list[str] = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{key}:")
+                lines.extend(_describe_value(item, indent + 1))
+            else:
+                lines.append(f"{pad}{key}:  {_scalar(item)}")
+        return lines
+    if isinstance(value, list):
+        lines = []
+        for item in value:
+            if isinstance(item, (dict, list)) and item:
+                nested = _describe_value(item, indent + 1)
+                lines.append(f"{pad}- {nested[0].strip()}")
+                lines.extend(nested[1:])
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+        return lines
+    return [f"{pad}{_scalar(value)}"]
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if value is None:
+        return "<none>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _labels(mapping: Any) -> list[str]:
+    if not isinstance(mapping, dict) or not mapping:
+        return ["<none>"]
+    return [f"{key}={value}" for key, value in mapping.items()]
+
+
+def describe_text(kind: str, item: dict[str, Any], status: dict[str, Any] | None) -> str:
+    metadata = item.get("metadata", {})
+    lines = [
+        f"Name:         {metadata.get('name', '')}",
+        f"Namespace:    {metadata.get('namespace', 'default')}",
+    ]
+    labels = _labels(metadata.get("labels"))
+    lines.append(f"Labels:       {labels[0]}")
+    lines.extend(f"              {label}" for label in labels[1:])
+    annotations = _labels(metadata.get("annotations"))
+    lines.append(f"Annotations:  {annotations[0]}")
+    lines.extend(f"              {annotation}" for annotation in annotations[1:])
+    lines.append(f"API Version:  {item.get('apiVersion', '')}")
+    lines.append(f"Kind:         {kind}")
+    lines.append("Metadata:")
+    lines.append(f"  Creation Timestamp:  {metadata.get('creationTimestamp', '<unknown>')}")
+    lines.append(f"  Generation:          {metadata.get('generation', '')}")
+    lines.append(f"  Resource Version:    {metadata.get('resourceVersion', '')}")
+    if kind == "Secret":
+        lines.append(f"Type:  {item.get('type', '')}")
+        data = {**(item.get("data") or {}), **(item.get("stringData") or {})}
+        lines.append("Data")
+        lines.append("====")
+        lines.extend(f"{key}:  {len(str(value))} bytes" for key, value in data.items())
     else:
-        print(render_table(kind, items, all_namespaces=namespace is None), end="")
+        lines.append("Spec:")
+        lines.extend(_describe_value(item.get("spec") or {}, 1))
+    if kind == "WasmPlugin":
+        lines.extend(_describe_status(status))
+    return "\n".join(lines) + "\n"
+
+
+def _describe_status(status: dict[str, Any] | None) -> list[str]:
+    lines = ["Status:", f"  Ready:  {_ready(status)} (proxies that loaded it / proxies it selects)"]
+    proxies: list[dict[str, Any]] = list((status or {}).get("proxies", []))
+    if not proxies:
+        lines.append("  Proxies:  <none>")
+    else:
+        lines.append("  Proxies:")
+        rows = [["PROXY", "NODE", "NAMESPACE", "STATE", "LAST ERROR"]]
+        rows += [
+            [
+                str(proxy.get("proxy", "")),
+                str(proxy.get("node", "")),
+                str(proxy.get("namespace", "")),
+                str(proxy.get("state", "")),
+                str(proxy.get("error", "")) or "<none>",
+            ]
+            for proxy in proxies
+        ]
+        lines.extend("    " + line for line in _columns(rows).splitlines())
+    warnings: list[str] = list((status or {}).get("warnings", []))
+    lines.append("Warnings:" + ("  <none>" if not warnings else ""))
+    lines.extend(f"  {warning}" for warning in warnings)
+    return lines
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    scope = _scope(args)
+    if isinstance(scope, int):
+        return scope
+    kind, namespace = scope
+    try:
+        items, code = _fetch_items(args.server, kind, args.name, namespace)
+        if items is None:
+            return code
+        if not items:
+            where = f" in {namespace} namespace" if namespace else ""
+            print(f"No resources found{where}.", file=sys.stderr)
+            return 0
+        statuses = _plugin_statuses(args.server, namespace) if kind == "WasmPlugin" else {}
+        texts = []
+        for item in items:
+            metadata = item.get("metadata", {})
+            key = (str(metadata.get("namespace", "default")), str(metadata.get("name", "")))
+            texts.append(describe_text(kind, item, statuses.get(key)))
+        print("\n\n".join(text.rstrip("\n") for text in texts))
+    except ServerUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

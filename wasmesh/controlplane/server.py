@@ -12,6 +12,7 @@ from pathlib import Path
 
 from wasmesh.controlplane.generator import MeshSnapshotGenerator
 from wasmesh.controlplane.httpapi import ApiHandler, serve_http
+from wasmesh.controlplane.status import PluginStatus
 from wasmesh.controlplane.store import ConfigStore
 from wasmesh.controlplane.watcher import DirectoryWatcher
 from wasmesh.xds.metrics import XdsMetrics
@@ -43,6 +44,8 @@ class ControlPlane:
         self.store = ConfigStore(options.root_namespace)
         self.generator = MeshSnapshotGenerator(self.store)
         self.ads = AdsServer(self.generator, self.metrics, debounce_after=options.debounce_after)
+        self.status = PluginStatus(self.ads, self.generator)
+        self.ads.proxy_warnings = self.status.proxy_warnings
         self.watcher: DirectoryWatcher | None = None
         if options.config_dir is not None:
             self.watcher = DirectoryWatcher(
@@ -55,6 +58,8 @@ class ControlPlane:
         self._http: asyncio.Server | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # /readyz: the config directory is loaded and xDS is served (false again while stopping).
+        self.serving = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -68,11 +73,14 @@ class ControlPlane:
         if self.watcher is not None:
             self.watcher.scan()  # serve the directory's content from the first connection on
         self.xds_port = await self.ads.start(self.options.host, self.options.xds_port)
-        handler = ApiHandler(self.store, self.metrics, self.ads.describe)
+        handler = ApiHandler(
+            self.store, self.metrics, self.ads.describe, plugin_status=self.status, ready=lambda: self.serving
+        )
         self._http = await serve_http(handler, self.options.host, self.options.api_port)
         self.api_port = int(self._http.sockets[0].getsockname()[1])
         if self.watcher is not None:
             self._watch_task = asyncio.create_task(self.watcher.run(self.options.poll_interval))
+        self.serving = True
         log.info(
             "control plane: xDS on %s:%d, API on http://%s:%d (root namespace %s)",
             self.options.host,
@@ -83,6 +91,7 @@ class ControlPlane:
         )
 
     async def stop(self) -> None:
+        self.serving = False
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -30,19 +30,6 @@ from wasmesh.xds import types
 
 WASM_RUNTIME = "envoy.wasm.runtime.v8"
 REMOTE_FETCH_TIMEOUT_SECONDS = 30  # istiod buildDataSource always sets 30 s
-NETWORK_WASM = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
-NETWORK_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
-
-# Istio's ISTIO_META_* VM env keys the agent consumes (pkg/model/wasm.go).
-ENV_RESOURCE_VERSION = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
-ENV_PULL_POLICY = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
-ENV_PULL_SECRET = "ISTIO_META_WASM_IMAGE_PULL_SECRET"
-
-_FAILURE_POLICY = {
-    "FAIL_CLOSE": wasm_pb2.FAIL_CLOSED,
-    "FAIL_OPEN": wasm_pb2.FAIL_OPEN,
-    "FAIL_RELOAD": wasm_pb2.FAIL_RELOAD,
-}
 
 
 @dataclass(frozen=True)
@@ -104,18 +91,18 @@ def build_plugin_config(plugin: PluginView) -> wasm_pb2.PluginConfig:
         )
         code.remote.sha256 = plugin.sha256
     env = wasm_pb2.EnvironmentVariables(host_env_keys=list(plugin.host_env_keys))
-    env.key_values[ENV_RESOURCE_VERSION] = plugin.resource_version
+    env.key_values[types.ENV_RESOURCE_VERSION] = plugin.resource_version
     if plugin.pull_policy:
-        env.key_values[ENV_PULL_POLICY] = plugin.pull_policy
+        env.key_values[types.ENV_PULL_POLICY] = plugin.pull_policy
     if plugin.pull_secret_json is not None and not plugin.url.startswith("file://"):
-        env.key_values[ENV_PULL_SECRET] = plugin.pull_secret_json
+        env.key_values[types.ENV_PULL_SECRET] = plugin.pull_secret_json
     for key, value in plugin.env.items():
         env.key_values[key] = value
     config = wasm_pb2.PluginConfig(
         name=f"{plugin.namespace}.{plugin.name}",
         root_id=plugin.plugin_name,
         vm_config=wasm_pb2.VmConfig(runtime=WASM_RUNTIME, code=code, environment_variables=env),
-        failure_policy=_FAILURE_POLICY.get(plugin.fail_strategy, wasm_pb2.FAIL_CLOSED),
+        failure_policy=types.FAILURE_POLICY_BY_STRATEGY.get(plugin.fail_strategy, wasm_pb2.FAIL_CLOSED),
     )
     configuration = any_pb2.Any()
     if plugin.configuration_json:
@@ -176,7 +163,7 @@ def build_listener(listener: ListenerSpec, chain: Sequence[PluginView]) -> liste
     # NETWORK plugins sit before the HCM ("can be applied to HTTP traffic as well").
     network_filters = [
         listener_components_pb2.Filter(
-            name=plugin.resource_name, config_discovery=_discovery([NETWORK_WASM, NETWORK_RBAC])
+            name=plugin.resource_name, config_discovery=_discovery([types.NETWORK_WASM, types.NETWORK_RBAC])
         )
         for plugin in chain
         if plugin.plugin_type == "NETWORK"

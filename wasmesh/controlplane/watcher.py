@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wasmesh.api.load import DOCUMENT_SUFFIXES, LoadError, load_file
+from wasmesh.api.model import WasmPlugin
 from wasmesh.controlplane.store import ConfigStore, Key, ResourceRejected
+from wasmesh.controlplane.warnings import plugin_warnings
 
 log = logging.getLogger("wasmesh.controlplane")
 
@@ -86,10 +88,14 @@ class DirectoryWatcher:
             key: Key = (document.kind, document.namespace, document.name)
             defined.add(key)
             try:
-                self.store.apply(document, source=str(path))
+                stored, action = self.store.apply(document, source=str(path))
             except ResourceRejected as exc:
                 for line in exc.errors:
                     self._error(f"rejected: {line}", document.kind)
+                continue
+            if action != "unchanged" and isinstance(stored.parsed, WasmPlugin):
+                for warning in plugin_warnings(stored.parsed):
+                    log.warning("%s: %s", path, warning)
         owned = self.store.keys_from_source(str(path))
         for key in (self._keys_by_file.get(path, set()) - defined) & owned:
             self.store.delete(*key)

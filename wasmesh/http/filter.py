@@ -73,6 +73,8 @@ class StreamInfo:
     scheme: str = "http"
     start_time_ns: int = field(default_factory=time.time_ns)
     start_monotonic_ns: int = field(default_factory=time.monotonic_ns)
+    # Set when the exchange completes, before on_log (Envoy's StreamInfo::requestComplete).
+    complete_monotonic_ns: int | None = None
     listener_name: str = ""
     listener_direction: int = 0  # envoy.config.core.v3.TrafficDirection: 0 unspecified, 1 inbound, 2 outbound
     route_name: str | None = None

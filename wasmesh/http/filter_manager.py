@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -88,7 +89,8 @@ def upstream_failure_body(status: int, details: str) -> bytes:
     """The body Envoy's router sends for an upstream failure with these response details
     (kept identical to the proxy's pass-through path for chains without plugins)."""
     if details.startswith(_RESET_BEFORE_RESPONSE) and details.endswith("}"):
-        reason = details[len(_RESET_BEFORE_RESPONSE) : -1]
+        # Envoy's details are its body's reason with spaces as underscores ("connection_termination").
+        reason = details[len(_RESET_BEFORE_RESPONSE) : -1].replace("_", " ")
         return b"upstream connect error or disconnect/reset before headers. reset reason: " + reason.encode()
     if status == 504:
         return b"upstream request timeout"
@@ -546,6 +548,7 @@ class FilterManager:
         self._completed = True
         self._request.aborted = True
         self._response.aborted = True
+        self.stream_info.complete_monotonic_ns = time.monotonic_ns()
         for http_filter in self._filters:
             try:
                 http_filter.on_log()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from wasmesh.agent.options import add_insecure_registry_flag, insecure_registries_from
 from wasmesh.proxy.config import (
     ConfigContext,
     ConfigError,
@@ -21,6 +23,11 @@ from wasmesh.proxy.config import (
     parse_memory_mib,
 )
 from wasmesh.proxy.workers import FileConfigSource, run_proxy
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from wasmesh.proxy.xds import XdsOptions
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,10 @@ def _proxy(args: argparse.Namespace) -> int:
         reason = "only with --xds (a --config file sets limits in its wasm: section)"
         print(f"error: wasmesh proxy: {given[0]}: {reason}", file=sys.stderr)
         return 2
+    if args.insecure_registry:
+        reason = "only with --xds (a --config file lists them in cache.insecure_registries)"
+        print(f"error: wasmesh proxy: --insecure-registry: {reason}", file=sys.stderr)
+        return 2
     return run_proxy(
         FileConfigSource(args.config), workers=args.workers, admin=args.admin, log_level=args.log_level
     )
@@ -279,10 +290,11 @@ def _xds_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--namespace", default="default", metavar="NS", help="this proxy's namespace")
     p.add_argument("--cache-dir", metavar="DIR", help="module cache for remote (http/oci) plugins")
+    add_insecure_registry_flag(p)
 
 
 def _proxy_xds(args: argparse.Namespace) -> int:
-    from wasmesh.proxy.xds import XdsOptions, parse_labels, run_xds_proxy
+    from wasmesh.proxy.xds import run_xds_proxy
 
     if args.xds is None:
         print("error: wasmesh proxy: give --config FILE or --xds HOST:PORT", file=sys.stderr)
@@ -294,18 +306,24 @@ def _proxy_xds(args: argparse.Namespace) -> int:
         print("error: wasmesh proxy: --node-id: required with --xds", file=sys.stderr)
         return 2
     try:
-        parse_host_port(args.xds, ConfigContext("wasmesh proxy"), "--xds")
-        labels = parse_labels(args.labels)
-        wasm = wasm_limits_from_flags(args, "wasmesh proxy")
+        options = build_xds_options(args, os.environ)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    options = XdsOptions(
+    return run_xds_proxy(options, workers=args.workers, admin=args.admin, log_level=args.log_level)
+
+
+def build_xds_options(args: argparse.Namespace, env: Mapping[str, str]) -> XdsOptions:
+    """`wasmesh proxy --xds` options from its flags and WASM_INSECURE_REGISTRIES (as istio-agent reads it)."""
+    from wasmesh.proxy.xds import XdsOptions, parse_labels
+
+    parse_host_port(args.xds, ConfigContext("wasmesh proxy"), "--xds")
+    return XdsOptions(
         target=args.xds,
         node_id=args.node_id,
-        labels=labels,
+        labels=parse_labels(args.labels),
         namespace=args.namespace,
         cache_dir=args.cache_dir,
-        wasm_limits=wasm,
+        insecure_registries=tuple(sorted(insecure_registries_from(args.insecure_registry, env))),
+        wasm_limits=wasm_limits_from_flags(args, "wasmesh proxy"),
     )
-    return run_xds_proxy(options, workers=args.workers, admin=args.admin, log_level=args.log_level)

@@ -257,10 +257,11 @@ class DownstreamConnection(asyncio.Protocol):
         ex = self.receiving
         if ex is None:
             return
+        trailers = self.parser.trailers
         if ex.deferred is not None:
-            ex.deferred.append((_EV_COMPLETE, had_body))
+            ex.deferred.append((_EV_COMPLETE, (had_body, trailers)))
         else:
-            self._guard(ex, ex.request_complete, had_body)
+            self._guard(ex, ex.request_complete, had_body, trailers)
 
     def _guard(self, ex: ProxyExchange, fn: Any, *args: Any) -> None:
         """Run an exchange step; a bug there resets that exchange instead of reading as malformed HTTP."""
@@ -335,7 +336,8 @@ class DownstreamConnection(asyncio.Protocol):
                 elif kind == _EV_BODY:
                     self._guard(nxt, nxt.request_body, payload)
                 else:
-                    self._guard(nxt, nxt.request_complete, payload)
+                    assert isinstance(payload, tuple)
+                    self._guard(nxt, nxt.request_complete, payload[0], payload[1])
         if not self.queue:
             self.resume_reading(PAUSE_PIPELINE)
         if self.current is None and self.listener.draining:

@@ -45,6 +45,9 @@ log = logging.getLogger("wasmesh.proxy")
 PAUSE_FILTER = 1
 PAUSE_UPSTREAM = 2
 
+# RFC 9110 section 9.2.2.
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
 BUFFER_LIMIT = 1 << 20  # per-filter buffering limit, Envoy's default per_connection_buffer_limit_bytes
 
 
@@ -119,6 +122,7 @@ class ProxyExchange:
         "held_request_body",
         "replay",
         "retried",
+        "idempotent",
     )
 
     def __init__(
@@ -158,6 +162,7 @@ class ProxyExchange:
         self.held_request_body: bytes | None = None
         self.replay: bytes | None = None
         self.retried = False
+        self.idempotent = False
 
     # ------------------------------------------------------------------ downstream events
 
@@ -244,12 +249,17 @@ class ProxyExchange:
         if previous is not None and not self.done and self.fm is not None:
             self.fm.on_request_data(previous, False)
 
-    def request_complete(self, had_body: bool) -> None:
+    def request_complete(self, had_body: bool, trailers: HeaderMap | None = None) -> None:
         self.request_received = True
         last, self.held_request_body = self.held_request_body, None
         if self.done or self.fm is None:
             return
-        if had_body:
+        if trailers is not None:  # a chunked body's trailers end the stream, as in Envoy's codec
+            if last:
+                self.fm.on_request_data(last, False)
+            if not self.done and self.fm is not None:
+                self.fm.on_request_trailers(trailers)
+        elif had_body:
             self.fm.on_request_data(last or b"", True)
 
     def downstream_reset(self) -> None:
@@ -298,6 +308,7 @@ class ProxyExchange:
             headers.set(b":authority", rc.host_rewrite.encode())
         chunked = not end_stream and headers.get(b"content-length") is None
         self.upstream_chunked = chunked
+        self.idempotent = headers.get(b":method") in IDEMPOTENT_METHODS
         head = encode_request_head(headers, chunked)
         self.pending = [head]
         self.pending_bytes = len(head)
@@ -357,9 +368,12 @@ class ProxyExchange:
         self.pending = []
         self.pending_bytes = 0
         payload = pending[0] if len(pending) == 1 else b"".join(pending)
-        # A pooled connection the server closed while idle fails before any answer; a request that
-        # went out whole in this one write can safely be sent again on a fresh connection, once.
-        self.replay = payload if conn.reused and self.request_sent and not self.retried else None
+        # A pooled connection the server closed while idle fails before any answer; an idempotent
+        # request (RFC 9110 9.2.2: a proxy must not retry others) that went out whole in this one
+        # write is sent again on a fresh connection, once. Envoy answers 503 here unless a route
+        # retry policy says `reset`; wasmesh retries, as Go's net/http and urllib3 do.
+        replayable = conn.reused and self.request_sent and self.idempotent and not self.retried
+        self.replay = payload if replayable else None
         conn.write(payload)
         self.conn.resume_reading(PAUSE_UPSTREAM)
 
@@ -418,6 +432,7 @@ class ProxyExchange:
             self.fm.on_response_data(previous, False)
 
     def on_response_complete(self) -> None:
+        trailers = self.upstream.parser.trailers if self.upstream is not None else None
         self._upstream_done(clean=True)
         if self.done or self.fm is None:
             return
@@ -425,6 +440,12 @@ class ProxyExchange:
         if held is not None:
             self.held_response_headers = None
             self.fm.on_response_headers(held, True)
+        elif trailers is not None:
+            last, self.held_body = self.held_body, None
+            if last:
+                self.fm.on_response_data(last, False)
+            if not self.done and self.fm is not None:
+                self.fm.on_response_trailers(trailers)
         elif self.response_body_expected:
             last, self.held_body = self.held_body, None
             self.fm.on_response_data(last or b"", True)

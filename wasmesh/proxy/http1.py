@@ -83,6 +83,8 @@ class RequestParser:
         "_host_seen",
         "_size",
         "_error",
+        "_trailer_pairs",
+        "trailers",
     )
 
     def __init__(self, handler: RequestHandler, scheme: bytes = b"http") -> None:
@@ -95,6 +97,8 @@ class RequestParser:
         self._host_seen = False
         self._size = 0
         self._error: BadMessage | None = None
+        self._trailer_pairs: list[tuple[bytes, bytes]] | None = None  # a list once the head is parsed
+        self.trailers: HeaderMap | None = None  # the trailers of the request just completed, if any
 
     def feed(self, data: bytes) -> None:
         """Raises BadMessage on malformed input (the caller answers ``status`` and closes)."""
@@ -117,6 +121,8 @@ class RequestParser:
         self._has_body = False
         self._host_seen = False
         self._size = 0
+        self._trailer_pairs = None
+        self.trailers = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -129,6 +135,9 @@ class RequestParser:
         if self._size > MAX_REQUEST_HEADERS_BYTES or len(self._pairs) > MAX_REQUEST_HEADERS_COUNT + 4:
             raise self._reject("request headers too large", 431)
         lname = name.lower()
+        if self._trailer_pairs is not None:  # after the head: the trailers of a chunked body
+            self._trailer_pairs.append((lname, value))
+            return
         if lname == b"host":
             if self._host_seen:
                 raise self._reject("multiple Host headers")
@@ -156,6 +165,7 @@ class RequestParser:
         self._pairs[0] = (b":method", p.get_method())
         self._pairs[1] = (b":path", url)
         http10 = p.get_http_version() == "1.0"
+        self._trailer_pairs = []
         self._handler.on_request_headers(
             HeaderMap.from_lowercase(self._pairs), not self._has_body, p.should_keep_alive(), http10
         )
@@ -164,6 +174,8 @@ class RequestParser:
         self._handler.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        if self._trailer_pairs:
+            self.trailers = HeaderMap.from_lowercase(self._trailer_pairs)
         self._handler.on_request_complete(self._has_body)
 
 
@@ -192,6 +204,8 @@ class ResponseParser:
         "_headers_done",
         "_eof_body",
         "_between_messages",
+        "_trailer_pairs",
+        "trailers",
     )
 
     def __init__(self, handler: ResponseHandler) -> None:
@@ -204,6 +218,8 @@ class ResponseParser:
         self._headers_done = False
         self._eof_body = False
         self._between_messages = True
+        self._trailer_pairs: list[tuple[bytes, bytes]] = []
+        self.trailers: HeaderMap | None = None  # the trailers of the response just completed, if any
 
     def expect_no_body(self) -> None:
         self._no_body = True
@@ -246,8 +262,13 @@ class ResponseParser:
         self._headers_done = False
         self._body_expected = False
         self._eof_body = False
+        self._trailer_pairs = []
+        self.trailers = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:  # after the head: the trailers of a chunked body
+            self._trailer_pairs.append((name.lower(), value))
+            return
         self._pairs.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -289,6 +310,8 @@ class ResponseParser:
             return  # interim response finished; the real one follows
         self._done = True
         self._between_messages = True
+        if self._trailer_pairs:
+            self.trailers = HeaderMap.from_lowercase(self._trailer_pairs)
         self._handler.on_response_complete()
 
     def connection_closed(self) -> bool:

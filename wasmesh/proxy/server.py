@@ -1,9 +1,9 @@
 """One proxy worker: listeners, clusters, plugin chains, admin, reload and drain.
 
 ``ProxyServer`` is what ``wasmesh proxy``/``wasmesh run`` start in each worker
-process, and what the xDS client drives later through ``apply_config`` and
-``apply_chain``. Plugin chains are built by a ``ChainBuilder`` (wasmesh.proxy.plugins);
-a listener without plugins never touches the Wasm runtime.
+process; file reloads go through ``apply_config``, and ``wasmesh.proxy.xds.XdsProxy``
+drives its listeners for ``wasmesh proxy --xds``. Plugin chains are built by a
+``ChainBuilder`` (wasmesh.proxy.plugins); a listener without plugins never touches the Wasm runtime.
 """
 
 from __future__ import annotations
@@ -139,24 +139,6 @@ class ProxyServer:
             self.config = config
             self.stats.config_reload_total += 1
             log.info("configuration %s applied (generation %d)", config.source, self.generation)
-            return True
-
-    async def apply_chain(
-        self, resources: Sequence[PluginResource], listener_name: str | None = None
-    ) -> bool:
-        """Install a chain built from WasmPlugin resources on one listener (or all); False if rejected."""
-        async with self._reload_lock:
-            targets = [self.listeners[listener_name]] if listener_name else list(self.listeners.values())
-            try:
-                self.generation += 1
-                built = [
-                    (lst, await self._build_chain(lst.config, resources, self.generation)) for lst in targets
-                ]
-            except Exception as exc:  # noqa: BLE001
-                return self._reject(_one_line(exc))
-            for lst, chain in built:
-                lst.swap_chain(chain)
-            self.stats.config_reload_total += 1
             return True
 
     def _reject(self, message: str) -> bool:

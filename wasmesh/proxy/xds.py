@@ -15,7 +15,9 @@ Three layers, kept apart:
   *before* it is ACKed (inside the client's `validate` hook, as Envoy applies before ACKing), so a
   plugin that fails to load NACKs the update (`RejectUpdate`, one line) and the last good config
   keeps serving. Unlike `ProxyServer.apply_config` (files: fixed listener set), listeners come and
-  go here: new ones are bound, removed ones stop accepting and drain.
+  go here: new ones are bound, removed ones stop accepting and drain. An update is all or nothing: a
+  listener that cannot bind NACKs it (naming listener, address and errno text), and every listener of
+  the last good state keeps serving — also one whose port the update had to free (it is bound again).
 
 Warming: a listener that exists keeps serving its previous routes and chain while its new version
 warms; a new listener is not bound until everything it references has arrived.
@@ -84,17 +86,6 @@ ROUTER_FILTER = "envoy.filters.http.router"
 # version). For remote code they are consumed here and stripped, as istio-agent strips them before
 # Envoy sees the config; local code passes through with them, as it does through the agent. (The
 # resource version in the env is also why two plugins of one module get separate VMs, as in Envoy.)
-_ISTIO_META_PREFIX = "ISTIO_META_"
-ENV_RESOURCE_VERSION = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
-ENV_PULL_POLICY = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
-ENV_PULL_SECRET = "ISTIO_META_WASM_IMAGE_PULL_SECRET"
-
-_FAILURE_POLICIES = {
-    wasm_pb2.UNSPECIFIED: "FAIL_CLOSE",
-    wasm_pb2.FAIL_CLOSED: "FAIL_CLOSE",
-    wasm_pb2.FAIL_OPEN: "FAIL_OPEN",
-    wasm_pb2.FAIL_RELOAD: "FAIL_RELOAD",
-}
 
 
 class XdsConfigError(ValueError):
@@ -338,7 +329,7 @@ def _wasm_filter(resource_name: str, config: wasm_pb2.PluginConfig) -> WasmFilte
             # Envoy hands other Any payloads to the plugin serialized; so do we.
             configuration = config.configuration.value
     variables = config.vm_config.environment_variables
-    policy = _FAILURE_POLICIES.get(config.failure_policy, "FAIL_CLOSE")
+    policy = types.STRATEGY_BY_FAILURE_POLICY.get(config.failure_policy, "FAIL_CLOSE")
     if config.failure_policy == wasm_pb2.UNSPECIFIED and config.fail_open:
         policy = "FAIL_OPEN"  # the deprecated bool, still honoured by Envoy
     return WasmFilterSpec(
@@ -351,14 +342,14 @@ def _wasm_filter(resource_name: str, config: wasm_pb2.PluginConfig) -> WasmFilte
         local_filename=local,
         remote_url=remote,
         sha256=sha256,
-        pull_policy=variables.key_values.get(ENV_PULL_POLICY, ""),
-        pull_secret=variables.key_values.get(ENV_PULL_SECRET, ""),
-        resource_version=variables.key_values.get(ENV_RESOURCE_VERSION, ""),
+        pull_policy=variables.key_values.get(types.ENV_PULL_POLICY, ""),
+        pull_secret=variables.key_values.get(types.ENV_PULL_SECRET, ""),
+        resource_version=variables.key_values.get(types.ENV_RESOURCE_VERSION, ""),
         env=tuple(
             sorted(
                 (k, v)
                 for k, v in variables.key_values.items()
-                if local or not k.startswith(_ISTIO_META_PREFIX)
+                if local or not k.startswith(types.ISTIO_META_PREFIX)
             )
         ),
         host_env_keys=tuple(variables.host_env_keys),
@@ -381,6 +372,25 @@ def _rbac_filter(resource_name: str, rbac: http_rbac_pb2.RBAC) -> RbacFilterSpec
     return RbacFilterSpec(resource_name, allow=allow, stat_prefix=rbac.rules_stat_prefix)
 
 
+_L4_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_network_plugins(listener: listener_pb2.Listener) -> None:
+    """Log once per listener and plugin that a `type: NETWORK` WasmPlugin is skipped (L4 is not served)."""
+    for chain in listener.filter_chains:
+        for network_filter in chain.filters:
+            if not network_filter.HasField("config_discovery"):
+                continue
+            key = (listener.name, network_filter.name)
+            if key not in _L4_WARNED:
+                _L4_WARNED.add(key)
+                log.warning(
+                    "listener %s: %s: type NETWORK: L4 (network filter) plugins are not served yet; skipped",
+                    listener.name,
+                    network_filter.name,
+                )
+
+
 def translate_listener(
     listener: listener_pb2.Listener,
     routes: Mapping[str, route_pb2.RouteConfiguration],
@@ -389,6 +399,7 @@ def translate_listener(
     """The listener's plan, or the names it still waits for (route config, ECDS) while warming."""
     where = f"listener {listener.name}"
     address, port = _socket_address(listener.address, f"{where}: address.socket_address")
+    _warn_network_plugins(listener)
     manager = http_connection_manager(listener)
     if manager is None:
         raise XdsConfigError(f"{where}: filter_chains: an HTTP connection manager is required")
@@ -597,6 +608,19 @@ def _describe(spec: FilterSpec) -> dict[str, object]:
 # --------------------------------------------------------------------------- applying
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _port_taken(config: ListenerConfig, wanted: Sequence[tuple[str, int]]) -> bool:
+    """Whether a listener bound as `config` holds a port that one of `wanted` must bind."""
+    if config.port == 0:
+        return False
+    return any(
+        port == config.port and (address == config.address or {address, config.address} & set(_WILDCARDS))
+        for address, port in wanted
+    )
+
+
 @dataclass
 class _Installed:
     plan: ListenerPlan
@@ -744,40 +768,52 @@ class XdsProxy:
                 target[name] = self.installed[name].plan
         server.generation += 1
         generation = server.generation
+        moved = {
+            name
+            for name, lp in target.items()
+            if name in self.installed
+            and (lp.config.address, lp.config.port)
+            != (self.installed[name].plan.config.address, self.installed[name].plan.config.port)
+        }
+        removed = (set(self.installed) - set(target)) | moved
+        to_bind = [name for name in target if name not in self.installed or name in moved]
+        # All or nothing: a removed (or moved) listener keeps serving until the update commits. Only one
+        # whose port a listener of this update binds closes first; if the update fails it is bound again.
+        wanted = [(target[name].config.address, target[name].config.port) for name in to_bind]
+        must_free = sorted(name for name in removed if _port_taken(self.installed[name].plan.config, wanted))
         new_chains: dict[str, PluginChain] = {}
         bound: dict[str, Listener] = {}
+        freed: list[str] = []
         try:
             for name, listener_plan in target.items():
-                current = self.installed.get(name)
-                if current is None or current.plan.filters != listener_plan.filters:
+                # A listener bound anew (also a moved one) gets its own chain; the old one drains with it.
+                if name in to_bind or self.installed[name].plan.filters != listener_plan.filters:
                     new_chains[name] = await self.builder.build_filters(listener_plan.filters, generation)
-            moved = {
-                name
-                for name, lp in target.items()
-                if name in self.installed
-                and (lp.config.address, lp.config.port)
-                != (self.installed[name].plan.config.address, self.installed[name].plan.config.port)
-            }
-            removed = (set(self.installed) - set(target)) | moved
-            # A moved listener's old socket must close before the new one binds the same port.
-            for name in removed:
-                self._remove_listener(name)
-            for name, listener_plan in target.items():
-                if name in self.installed:
-                    continue
-                listener = Listener(listener_plan.config, server.clusters, server.stats, self.node, loop)
+            for name in must_free:
+                server.listeners[name].stop_accepting()
+                freed.append(name)
+            for name in to_bind:
+                config = target[name].config
+                listener = Listener(config, server.clusters, server.stats, self.node, loop)
                 listener.chain = new_chains[name]
-                await listener.start(reuse_port=server.reuse_port)
+                try:
+                    await listener.start(reuse_port=server.reuse_port)
+                except OSError as exc:
+                    raise XdsConfigError(
+                        f"listener {name}: cannot listen on {config.address}:{config.port}: "
+                        f"{os.strerror(exc.errno) if exc.errno else one_line(exc)}"
+                    ) from None
                 bound[name] = listener
         except BaseException:
-            for name, chain in new_chains.items():
-                if name not in bound:
-                    chain.retire()
             for listener in bound.values():
                 listener.stop_accepting()
-                listener.chain.retire()
+            for chain in new_chains.values():
+                chain.retire()
+            await self._restore(freed)
             self.server.stats.config_reload_failed += 1
             raise
+        for name in removed:
+            self._remove_listener(name)
         server.clusters.update(plan.clusters)
         for name, listener_plan in target.items():
             if name in bound:
@@ -807,6 +843,16 @@ class XdsProxy:
             or "none",
             f"; warming {', '.join(sorted(plan.warming))}" if plan.warming else "",
         )
+
+    async def _restore(self, names: Sequence[str]) -> None:
+        """Bind again the listeners a failed update had closed: the last good listeners keep serving."""
+        for name in names:
+            listener = self.server.listeners[name]
+            try:
+                await listener.start(reuse_port=self.server.reuse_port)
+            except OSError as exc:
+                # Someone took the port meanwhile: nothing can serve it; say so, keep the rest.
+                log.error("listener %s: cannot listen again after a rejected update: %s", name, one_line(exc))
 
     def _remove_listener(self, name: str) -> None:
         listener = self.server.listeners.pop(name, None)
@@ -861,10 +907,11 @@ class XdsOptions:
     labels: tuple[tuple[str, str], ...] = ()
     namespace: str = "default"
     cache_dir: str | None = None
+    insecure_registries: tuple[str, ...] = ()  # --insecure-registry and WASM_INSECURE_REGISTRIES
     wasm_limits: WasmLimits = field(default_factory=WasmLimits)
 
     def proxy(self, *, reuse_port: bool = False, worker_id: int = 0) -> XdsProxy:
-        cache = CacheConfig(dir=self.cache_dir)
+        cache = CacheConfig(dir=self.cache_dir, insecure_registries=self.insecure_registries)
         return XdsProxy(
             self.target,
             self.node_id,

@@ -161,7 +161,8 @@ class StreamContext(Context):
     __slots__ = (
         "_root", "callbacks", "request_headers", "request_trailers", "response_headers",
         "response_trailers", "request_body", "response_body", "in_decode", "in_encode", "resume_now",
-        "local_reply_sent",
+        "local_reply_sent", "request_headers_held", "response_headers_held", "response_trailers_held",
+        "in_log",
     )  # fmt: skip
 
     _root: RootContext
@@ -178,6 +179,14 @@ class StreamContext(Context):
     in_encode: bool
     resume_now: bool
     local_reply_sent: bool
+    # Envoy's Wasm context lets properties read a header map during its own callback and, after
+    # it, only while the plugin holds the stream there (the callback did not return Continue, and
+    # no proxy_continue_stream since); on_log reads the final maps. These flags say which maps
+    # properties may read now.
+    request_headers_held: bool
+    response_headers_held: bool
+    response_trailers_held: bool
+    in_log: bool
 
     @property
     def root(self) -> RootContext:
@@ -234,12 +243,15 @@ class StreamContext(Context):
     def _resume(self, stream_type: int) -> None:
         if self.callbacks is None or self.local_reply_sent:
             return
+        # A held header map is no longer readable to properties once its stream moves on (Envoy).
         if stream_type == StreamType.HTTP_REQUEST:
+            self.request_headers_held = False
             if self.in_decode:
                 self.resume_now = True
             else:
                 self.callbacks.continue_decoding()
         else:
+            self.response_headers_held = False
             if self.in_encode:
                 self.resume_now = True
             else:
@@ -286,9 +298,10 @@ class StreamContext(Context):
         callbacks = self.callbacks
         # The stream's side changes as the exchange moves on: refresh it on every read.
         source.stream_info = callbacks.stream_info if callbacks is not None else None
-        source.request_headers = self.request_headers
-        source.response_headers = self.response_headers
-        source.response_trailers = self.response_trailers
+        in_log = self.in_log
+        source.request_headers = self.request_headers if in_log or self.request_headers_held else None
+        source.response_headers = self.response_headers if in_log or self.response_headers_held else None
+        source.response_trailers = self.response_trailers if in_log or self.response_trailers_held else None
         return source
 
 

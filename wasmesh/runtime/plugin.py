@@ -135,6 +135,10 @@ class WasmHttpFilter(StreamContext):
         self.in_encode = False
         self.resume_now = False
         self.local_reply_sent = False
+        self.request_headers_held = False
+        self.response_headers_held = False
+        self.response_trailers_held = False
+        self.in_log = False
 
     @property
     def context_id(self) -> int:
@@ -273,12 +277,17 @@ class WasmHttpFilter(StreamContext):
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         # _decode written out: headers run on every request, on the latency path.
         self.request_headers = headers
+        self.request_headers_held = True
         self.in_decode = True
         self.resume_now = False
         try:
             result = self._call(self._exports.request_headers, len(headers), end_stream)
         finally:
             self.in_decode = False
+        # Anything but Continue keeps them readable, and so does a local reply or a failure (Envoy
+        # stops there), until the stream is continued.
+        held = bool(result) or self.local_reply_sent or self._failed
+        self.request_headers_held = held and not self.resume_now
         if result == 0 and not self.local_reply_sent and not self._failed:
             return _HEADERS_CONTINUE  # the usual answer, without the _headers_status frame
         return self._headers_status(result)
@@ -299,6 +308,7 @@ class WasmHttpFilter(StreamContext):
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         self.response_headers = headers
+        self.response_headers_held = True
         # A local reply sent while decoding (ours, or FAIL_CLOSE's 503) must pass this encoder (as Envoy).
         passthrough = self.local_reply_sent or (self._failed and not self._fail_open)
         self.in_encode = True  # _encode written out, as in decode_headers
@@ -307,6 +317,7 @@ class WasmHttpFilter(StreamContext):
             result = self._call(self._exports.response_headers, len(headers), end_stream)
         finally:
             self.in_encode = False
+        self.response_headers_held = bool(result) and not self.resume_now
         status = self._headers_status(result)
         return _HEADERS_CONTINUE if passthrough else status
 
@@ -323,14 +334,21 @@ class WasmHttpFilter(StreamContext):
         if self._exports.response_trailers is None and self.id:
             return _TRAILERS_CONTINUE
         passthrough = self.local_reply_sent or self._stopped_by_failure()
-        status = self._trailers_status(self._encode(self._exports.response_trailers, len(trailers)))
+        self.response_trailers_held = True
+        result = self._encode(self._exports.response_trailers, len(trailers))
+        self.response_trailers_held = bool(result)
+        status = self._trailers_status(result)
         return _TRAILERS_CONTINUE if passthrough else status
 
     def on_log(self) -> None:
         if self._vm.failure is not None:
             return  # cpp-host: no on_log on a failed VM, and no failure reply this late
         # Envoy creates the context first if the request never reached this filter.
-        self._call(self._exports.log)
+        self.in_log = True
+        try:
+            self._call(self._exports.log)
+        finally:
+            self.in_log = False
 
     def on_destroy(self) -> None:
         if self.id:  # the context was started

@@ -12,12 +12,12 @@ with "."), which unknown top-level names read back.
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from wasmesh.http.filter import StreamInfo, TlsInfo
+from wasmesh.http.filter_manager import http_to_grpc_status
 from wasmesh.http.headers import HeaderMap
 from wasmesh.runtime.pairs import encode_pairs
 
@@ -148,26 +148,28 @@ def _metadata_path(namespaces: dict[str, Any], rest: list[str]) -> bytes | None:
     return None if leaf is None else _proto_struct_value(leaf)
 
 
+_EMPTY_MAP = encode_pairs(())
+
+
 def _request(src: PropertySource, leaf: str, rest: list[str]) -> bytes | None:
     info = src.stream_info
     headers = src.request_headers
     if leaf == "headers":
         if rest:
             return _header(headers, rest[0].lower().encode())
-        return _headers_map(headers)
+        return _headers_map(headers) if headers is not None else (_EMPTY_MAP if info is not None else None)
     if leaf in ("path", "url_path", "query"):
         path = _header(headers, b":path")
         if path is None:
             return None
         base, _, query = path.partition(b"?")
-        return path if leaf == "path" else (base if leaf == "url_path" else query)
+        if leaf == "query":
+            return query.partition(b"#")[0]  # Envoy cuts a fragment off the query, not off url_path
+        return path if leaf == "path" else base
     simple = {"host": b":authority", "method": b":method", "referer": b"referer",
-              "useragent": b"user-agent", "id": b"x-request-id"}
+              "useragent": b"user-agent", "id": b"x-request-id", "scheme": b":scheme"}
     if leaf in simple:
         return _header(headers, simple[leaf])
-    if leaf == "scheme":
-        scheme = _header(headers, b":scheme")
-        return scheme if scheme is not None else (info.scheme.encode() if info else None)
     if info is None:
         return None
     if leaf == "protocol":
@@ -175,8 +177,18 @@ def _request(src: PropertySource, leaf: str, rest: list[str]) -> bytes | None:
     if leaf == "time":
         return _i64(info.start_time_ns)
     if leaf == "duration":
-        return _i64(time.monotonic_ns() - info.start_monotonic_ns)
+        # Envoy: only once the stream is complete (StreamInfo::requestComplete), i.e. in on_log/on_done.
+        end = info.complete_monotonic_ns
+        return None if end is None else _i64(end - info.start_monotonic_ns)
     if leaf == "size":
+        # Envoy trusts content-length while the request headers are readable; an unparsable one is
+        # NotFound. Without it (or once the headers are gone), the body bytes received so far.
+        length = headers.get(b"content-length") if headers is not None else None
+        if length is not None:
+            try:
+                return _i64(int(length.strip()))
+            except ValueError:
+                return None
         return _i64(info.request_body_bytes)
     if leaf == "headers_bytes":
         return _i64(headers.byte_size() if headers else 0)
@@ -185,28 +197,35 @@ def _request(src: PropertySource, leaf: str, rest: list[str]) -> bytes | None:
     return None
 
 
+def _grpc_status(value: bytes) -> int:
+    """Envoy's Grpc::Common::getGrpcStatus of one header: beyond 16 or unparsable is InvalidCode (-1)."""
+    try:
+        code = int(value)
+    except ValueError:
+        return -1
+    return code if 0 <= code <= 16 else -1
+
+
 def _response(src: PropertySource, leaf: str, rest: list[str]) -> bytes | None:
     info = src.stream_info
     headers = src.response_headers
-    if leaf == "headers":
-        return _header(headers, rest[0].lower().encode()) if rest else _headers_map(headers)
-    if leaf == "trailers":
-        return _header(src.response_trailers, rest[0].lower().encode()) if rest else _headers_map(
-            src.response_trailers
-        )
-    if leaf == "code":
-        if info is not None and info.response_code is not None:
-            return _i64(info.response_code)
-        status = _header(headers, b":status")
-        return _i64(int(status)) if status and status.isdigit() else None
-    if leaf == "grpc_status":
-        for source in (src.response_trailers, headers):
-            value = _header(source, b"grpc-status")
-            if value is not None and value.isdigit():
-                return _i64(int(value))
-        return None
+    trailers = src.response_trailers
+    if leaf in ("headers", "trailers"):
+        which = headers if leaf == "headers" else trailers
+        if rest:
+            return _header(which, rest[0].lower().encode())
+        return _headers_map(which) if which is not None else (_EMPTY_MAP if info is not None else None)
     if info is None:
         return None
+    if leaf == "code":
+        return _i64(info.response_code) if info.response_code is not None else None
+    if leaf == "grpc_status":
+        # Trailers, then headers, then inferred from the HTTP status (Grpc::Common::getGrpcStatus).
+        for source in (trailers, headers):
+            value = source.get(b"grpc-status") if source is not None else None
+            if value is not None:
+                return _i64(_grpc_status(value))
+        return _i64(http_to_grpc_status(info.response_code)) if info.response_code is not None else None
     if leaf == "code_details":
         return info.response_code_details.encode() if info.response_code_details is not None else None
     if leaf == "flags":
@@ -216,7 +235,8 @@ def _response(src: PropertySource, leaf: str, rest: list[str]) -> bytes | None:
     if leaf == "headers_bytes":
         return _i64(headers.byte_size() if headers else 0)
     if leaf == "total_size":
-        return _i64(info.response_body_bytes + (headers.byte_size() if headers else 0))
+        return _i64(info.response_body_bytes + (headers.byte_size() if headers else 0)
+                    + (trailers.byte_size() if trailers else 0))
     return None
 
 
@@ -258,8 +278,6 @@ def _connection(info: StreamInfo | None, leaf: str) -> bytes | None:
         return _bool(tls is not None and tls.peer_certificate_presented)
     if leaf == "requested_server_name":
         return tls.requested_server_name.encode() if tls is not None else b""
-    if leaf in ("termination_details", "transport_failure_reason"):
-        return b""
     if tls is not None:
         extract = _TLS_LEAVES.get(leaf)
         if extract is not None:
@@ -270,10 +288,18 @@ def _connection(info: StreamInfo | None, leaf: str) -> bytes | None:
 def _upstream(info: StreamInfo | None, leaf: str) -> bytes | None:
     if info is None:
         return None
+    if leaf == "request_attempt_count":
+        return _u64(0 if info.upstream_address is None else 1)  # wasmesh does not retry
+    if info.upstream_address is None:
+        return None  # Envoy: no upstream info until the router picked a host
     if leaf in ("address", "port"):
         return _peer(info.upstream_address, leaf)
     if leaf == "local_address":
         return _address(info.upstream_local_address)
+    if leaf == "transport_failure_reason":
+        return b""
+    if leaf == "locality":
+        return b""  # an empty envoy.config.core.v3.Locality: wasmesh endpoints carry none
     return None
 
 
@@ -289,6 +315,10 @@ def _xds(src: PropertySource, leaf: str, rest: list[str]) -> bytes | None:
         return info.route_name.encode() if info.route_name is not None else None
     if leaf == "virtual_host_name":
         return info.virtual_host_name.encode() if info.virtual_host_name is not None else None
+    if leaf == "virtual_host_metadata":
+        return _metadata_path({}, rest) if info.virtual_host_name is not None else None
+    if leaf == "filter_chain_name":
+        return b""  # wasmesh listeners have one unnamed filter chain
     if leaf == "listener_direction":
         return _i64(info.listener_direction)
     metadata = {

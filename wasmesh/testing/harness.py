@@ -178,6 +178,9 @@ class HttpCall:
         return _text(self.headers.get(name.encode()))
 
 
+# Where the harness's (socketless) upstream "is": upstream.address once the request leaves the chain.
+HARNESS_UPSTREAM_ADDRESS = ("127.0.0.1", 8080)
+
 # What RecordingUpstream answers by default too, so harness and Envoy runs compare equal.
 DEFAULT_UPSTREAM = Upstream(status=200, headers=[("content-type", "text/plain")], body=b"upstream-body")
 
@@ -284,6 +287,9 @@ class Exchange:
 
     # ExchangeSink: towards the upstream
     def upstream_request_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        info = self.manager.stream_info if self.manager is not None else None
+        if info is not None and info.upstream_address is None:
+            info.upstream_address = HARNESS_UPSTREAM_ADDRESS  # as a proxy knows it once it picked the host
         self.upstream_request = UpstreamRequest(
             method=_text(headers.get(b":method")) or "",
             path=_text(headers.get(b":path")) or "",
@@ -310,6 +316,10 @@ class Exchange:
             return
         self._upstream_answered = True
         request.body = bytes(self._upstream_body)
+        info = self.manager.stream_info if self.manager is not None else None
+        if info is not None and info.upstream_local_address is None:
+            # The connection's own address: known once connected, which the whole request waited for.
+            info.upstream_local_address = ("127.0.0.1", 30000 + info.connection_id % 20000)
         # The upstream answers "later": after the current filter callback has returned.
         self._harness.scheduler.call_later(0, self._answer_from_upstream)
 
@@ -585,7 +595,9 @@ class PluginHarness:
         payload = _to_bytes(body)
         body_chunks = [c for c in (chunks if chunks is not None else [payload]) if c]
         trailer_pairs = _header_pairs(trailers)
-        if body_chunks and b"content-length" not in request_headers and chunks is None:
+        # With trailers the body goes chunked, as on the wire: no content-length (Envoy's codec then
+        # strips transfer-encoding before the filters, so the filters see neither).
+        if body_chunks and b"content-length" not in request_headers and chunks is None and not trailer_pairs:
             request_headers.add(b"content-length", str(len(payload)).encode())
         if self._envoy_request_headers:
             # What Envoy's connection manager adds before any filter runs.
@@ -642,9 +654,9 @@ class PluginHarness:
             scheme=scheme,
             node=self.node,
             listener_name="harness",
+            virtual_host_name="all",
             route_name="default",
             cluster_name="upstream",
-            upstream_address=("127.0.0.1", 8080),
         )
 
     # -- time --------------------------------------------------------------------------

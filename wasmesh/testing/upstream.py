@@ -6,11 +6,13 @@ and answers with a configurable ``Reply`` (or a function of the request).
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Literal
 
 __all__ = ["RecordedRequest", "Reply", "RecordingUpstream"]
 
@@ -24,6 +26,7 @@ class RecordedRequest:
     headers: list[tuple[str, str]]
     body: bytes
     trailers: list[tuple[str, str]] = field(default_factory=list)
+    connection: int = 0  # which TCP connection carried it: 1 for the upstream's first, and so on
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -39,17 +42,28 @@ class Reply:
     headers: list[tuple[str, str]] = field(default_factory=lambda: [("content-type", "text/plain")])
     body: bytes = b"upstream-body"
     trailers: list[tuple[str, str]] = field(default_factory=list)  # non-empty: sent chunked
+    # "before_response": close the connection without answering (what a server closing an idle
+    # keep-alive connection does to a request that crossed the close); "mid_body": send the head and
+    # the first half of the body, then close.
+    disconnect: Literal["", "before_response", "mid_body"] = ""
 
 
 ReplyFactory = Callable[[RecordedRequest], Reply]
 
 
 class RecordingUpstream:
-    """``with RecordingUpstream() as up: ... up.port, up.requests, up.reply = Reply(...)``."""
+    """``with RecordingUpstream() as up: ... up.port, up.requests, up.reply = Reply(...)``.
 
-    def __init__(self, reply: Reply | ReplyFactory | None = None, port: int = 0) -> None:
+    ``idle_timeout_s`` > 0 closes a keep-alive connection that stays idle that long (as web servers do).
+    """
+
+    def __init__(
+        self, reply: Reply | ReplyFactory | None = None, port: int = 0, idle_timeout_s: float = 0.0
+    ) -> None:
         self.reply: Reply | ReplyFactory = reply if reply is not None else Reply()
         self.requests: list[RecordedRequest] = []
+        self.idle_timeout_s = idle_timeout_s
+        self._connections = itertools.count(1)
         self._lock = threading.Lock()
         self._requested_port = port
         self._server: ThreadingHTTPServer | None = None
@@ -81,6 +95,13 @@ class RecordingUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = self.idle_timeout_s or None  # an idle connection's read times out: it is closed
+            connection_number = 0
+
+            def setup(self) -> None:
+                super().setup()
+                with upstream._lock:
+                    self.connection_number = next(upstream._connections)
 
             def _handle(self) -> None:
                 trailers: list[tuple[str, str]] = []
@@ -90,8 +111,13 @@ class RecordingUpstream:
                     length = int(self.headers.get("content-length") or 0)
                     body = self.rfile.read(length) if length else b""
                 headers = [(k.lower(), v) for k, v in self.headers.items()]
-                request = RecordedRequest(self.command, self.path, headers, body, trailers)
+                request = RecordedRequest(
+                    self.command, self.path, headers, body, trailers, self.connection_number
+                )
                 reply = upstream._answer_for(request)
+                if reply.disconnect == "before_response":
+                    self.close_connection = True
+                    return
                 self.send_response_only(reply.status)
                 for key, value in reply.headers:
                     if key.lower() not in ("content-length", "transfer-encoding"):
@@ -102,6 +128,10 @@ class RecordingUpstream:
                     self.send_header("content-length", str(len(reply.body)))
                 self.end_headers()
                 if self.command == "HEAD":
+                    return
+                if reply.disconnect == "mid_body":
+                    self.wfile.write(reply.body[: len(reply.body) // 2])
+                    self.close_connection = True
                     return
                 if reply.trailers:
                     if reply.body:

@@ -6,10 +6,15 @@ Pieces, all on 127.0.0.1:
   their relative `file://` URLs made absolute — edit an example and the mirror (and so the
   mesh) follows within a fraction of a second;
 - a Gateway resource `ingressgateway` (label `istio: ingressgateway`) routing /productpage to
-  the productpage app and everything else to the httpbin-like app;
-- a gateway proxy: `wasmesh proxy --xds ...` as a child process, so its plugin logs stream to
-  this terminal exactly as a real deployment would log them;
+  the productpage sidecar and everything else to the httpbin sidecar;
+- two sidecar Workloads, `httpbin` (label `app: httpbin`) and `productpage` (`app: productpage`),
+  each a listener in front of its app, as Istio's inbound sidecars are;
+- three proxies, each `wasmesh proxy --xds ...` as a child process (the gateway and the two
+  sidecars), so their plugin logs stream to this terminal exactly as a real deployment logs them;
 - the two sample apps (in this process).
+
+The examples pick their proxies by label: basic-auth and request-tracking the gateway, rate-limit
+the httpbin sidecar (so the basic-auth tour on /productpage is never answered 429).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ log = logging.getLogger("wasmesh.up")
 
 GATEWAY_NAME = "ingressgateway"
 GATEWAY_NAMESPACE = "istio-system"
+APP_NAMESPACE = "default"
+SIDECARS = ("httpbin", "productpage")  # Workload name = node id = app label
 _FILE_URL = re.compile(r"^(?P<lead>\s*url:\s*[\"']?)file://(?P<path>[^\"'\s#]+)", re.MULTILINE)
 
 
@@ -47,6 +54,14 @@ class MeshPorts:
     api: int
     httpbin: int
     productpage: int
+    httpbin_sidecar: int
+    productpage_sidecar: int
+
+    def app(self, name: str) -> int:
+        return int(getattr(self, name))
+
+    def sidecar(self, name: str) -> int:
+        return int(getattr(self, f"{name}_sidecar"))
 
 
 def find_examples_dir(explicit: str | None) -> Path:
@@ -98,9 +113,35 @@ spec:
         cluster: httpbin
   clusters:
   - name: httpbin
-    endpoints: ["127.0.0.1:{ports.httpbin}"]
+    endpoints: ["127.0.0.1:{ports.httpbin_sidecar}"]
   - name: productpage
-    endpoints: ["127.0.0.1:{ports.productpage}"]
+    endpoints: ["127.0.0.1:{ports.productpage_sidecar}"]
+"""
+
+
+def sidecar_resource(name: str, ports: MeshPorts) -> str:
+    """The inbound sidecar of one app: a SERVER listener in front of it (label `app: <name>`)."""
+    return f"""apiVersion: wasmesh.io/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  namespace: {APP_NAMESPACE}
+  labels:
+    app: {name}
+spec:
+  listeners:
+  - name: http
+    address: 127.0.0.1
+    port: {ports.sidecar(name)}
+    mode: SERVER
+    virtualHosts:
+    - name: {name}
+      routes:
+      - match: {{prefix: /}}
+        cluster: {name}
+  clusters:
+  - name: {name}
+    endpoints: ["127.0.0.1:{ports.app(name)}"]
 """
 
 
@@ -155,7 +196,10 @@ def choose_ports(args: argparse.Namespace) -> MeshPorts:
         if port != 0 and not _port_free(port):
             raise SystemExit(f"wasmesh up: port {port} (--{name}-port) is already in use on 127.0.0.1")
     chosen = {k: (v or _free_port()) for k, v in wanted.items()}
-    return MeshPorts(httpbin=_free_port(), productpage=_free_port(), **chosen)
+    return MeshPorts(
+        httpbin=_free_port(), productpage=_free_port(), httpbin_sidecar=_free_port(),
+        productpage_sidecar=_free_port(), **chosen,
+    )
 
 
 async def _wait_http(port: int, path: str, timeout: float) -> bool:
@@ -175,25 +219,53 @@ async def _wait_http(port: int, path: str, timeout: float) -> bool:
 
 def _banner(ports: MeshPorts, examples: Path) -> str:
     g = f"http://127.0.0.1:{ports.gateway}"
+    api = f"http://127.0.0.1:{ports.api}"
     return f"""
 wasmesh demo mesh is up.
 
   gateway (istio: ingressgateway)  {g}
   gateway admin                    http://127.0.0.1:{ports.admin}/stats/prometheus
-  control plane API                http://127.0.0.1:{ports.api}   (wasmesh get wasmplugins --server ...)
+  sidecar (app: httpbin)           http://127.0.0.1:{ports.httpbin_sidecar}   (in front of httpbin)
+  sidecar (app: productpage)       http://127.0.0.1:{ports.productpage_sidecar}   (in front of productpage)
+  control plane API                {api}
   control plane xDS                127.0.0.1:{ports.xds}
   example WasmPlugins              {examples}/*/wasmplugin.yaml  (edit one: the change is live)
 
 Try:
-  curl -s {g}/headers                       # request-tracking adds X-Request-Id: request-tracking
-  curl -si {g}/status/200 | grep -i who-am-i   # rate-limit tags every response
+  curl -s {g}/headers                       # request-tracking (gateway) adds X-Request-Id: request-tracking
+  curl -si {g}/status/200 | grep -i who-am-i   # rate-limit (httpbin sidecar) tags every response
   for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}}\\n' {g}/status/200; done   # 3rd → 429
-  curl -si {g}/productpage                  # 401 without credentials (basic-auth)
+  curl -si {g}/productpage                  # 401 without credentials (basic-auth, gateway)
   curl -si -u ok:test {g}/productpage       # 200
   curl -si -H 'Authorization: Basic YWRtaW4zOmFkbWluMw==' {g}/productpage   # 200 (admin3:admin3)
+  wasmesh get wasmplugins -n {GATEWAY_NAMESPACE} --server {api}   # READY: proxies running each plugin
+  wasmesh describe wasmplugin rate-limit -n {GATEWAY_NAMESPACE} --server {api}
 
 Plugin logs follow. Ctrl-C stops everything.
 """
+
+
+def _start_proxy(
+    ports: MeshPorts, node: str, namespace: str, labels: str, *extra: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([
+        sys.executable, "-m", "wasmesh", "proxy",
+        "--xds", f"127.0.0.1:{ports.xds}",
+        "--node-id", node,
+        "--namespace", namespace,
+        "--labels", labels,
+        *extra,
+    ])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -202,11 +274,13 @@ async def _run(args: argparse.Namespace) -> int:
     examples = find_examples_dir(args.examples)
     ports = choose_ports(args)
     state = Path(tempfile.mkdtemp(prefix="wasmesh-up-"))
-    gateway: subprocess.Popen[bytes] | None = None
+    proxies: dict[str, subprocess.Popen[bytes]] = {}
     control_plane: ControlPlane | None = None
     servers: list[asyncio.AbstractServer] = []
     try:
         (state / "gateway.yaml").write_text(gateway_resource(ports), encoding="utf-8")
+        for name in SIDECARS:
+            (state / f"sidecar-{name}.yaml").write_text(sidecar_resource(name, ports), encoding="utf-8")
         mirror = ExampleMirror(examples, state)
         mirror.sync()
         servers.append(await serve_sample_app("httpbin", "127.0.0.1", ports.httpbin))
@@ -215,19 +289,25 @@ async def _run(args: argparse.Namespace) -> int:
             config_dir=state, xds_port=ports.xds, api_port=ports.api, root_namespace=GATEWAY_NAMESPACE,
         ))
         await control_plane.start()
-        gateway = subprocess.Popen([
-            sys.executable, "-m", "wasmesh", "proxy",
-            "--xds", f"127.0.0.1:{ports.xds}",
-            "--node-id", GATEWAY_NAME,
-            "--namespace", GATEWAY_NAMESPACE,
-            "--labels", "istio=ingressgateway",
+        proxies["gateway"] = _start_proxy(
+            ports, GATEWAY_NAME, GATEWAY_NAMESPACE, "istio=ingressgateway",
             "--admin", f"127.0.0.1:{ports.admin}",
-        ])
-        if not await _wait_http(ports.gateway, "/headers", timeout=60):
-            code = gateway.poll()
-            why = f"exited with status {code}" if code is not None else "is not answering"
-            print(f"wasmesh up: the gateway proxy {why} (see its log above)", file=sys.stderr)
-            return 1
+        )
+        for name in SIDECARS:
+            proxies[f"{name} sidecar"] = _start_proxy(ports, name, APP_NAMESPACE, f"app={name}")
+        # Through the gateway and the httpbin sidecar, then the productpage sidecar directly (the
+        # gateway asks for credentials there).
+        for port, path in ((ports.gateway, "/headers"), (ports.productpage_sidecar, "/productpage")):
+            if not await _wait_http(port, path, timeout=60):
+                for role, process in proxies.items():
+                    code = process.poll()
+                    if code is not None:
+                        print(f"wasmesh up: the {role} proxy exited with status {code} (see its log above)",
+                              file=sys.stderr)
+                        return 1
+                print(f"wasmesh up: http://127.0.0.1:{port}{path} is not answering 200 (see the logs above)",
+                      file=sys.stderr)
+                return 1
         print(_banner(ports, examples), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -236,22 +316,19 @@ async def _run(args: argparse.Namespace) -> int:
         while not stop.is_set():
             for name in mirror.sync():
                 log.info("example %s changed: applying", name)
-                print(f"[wasmesh up] example {name} changed: pushing it to the gateway", flush=True)
-            if gateway.poll() is not None:
-                code = gateway.returncode
-                print(f"wasmesh up: the gateway proxy exited with status {code}", file=sys.stderr)
-                return 1
+                print(f"[wasmesh up] example {name} changed: pushing it to its proxies", flush=True)
+            for role, process in proxies.items():
+                if process.poll() is not None:
+                    code = process.returncode
+                    print(f"wasmesh up: the {role} proxy exited with status {code}", file=sys.stderr)
+                    return 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
         print("\nwasmesh up: stopping", flush=True)
         return 0
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+        for process in proxies.values():
+            _stop(process)
         if control_plane is not None:
             await control_plane.stop()
         for server in servers:

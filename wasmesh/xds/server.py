@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,6 +29,51 @@ log = logging.getLogger("wasmesh.xds")
 DEFAULT_DEBOUNCE_AFTER = 0.1
 DEFAULT_DEBOUNCE_MAX = 10.0
 
+# error_detail.code of a fetch-failure report: `wasmesh agent` sends it upstream, in place of Envoy's
+# ACK, for a response in which it replaced modules it could not fetch by the RBAC fallback. Envoy runs
+# that response (so it counts as ACKed, not as a reject); the resources the message names are marked
+# FETCH_FAILED. Envoy's own NACKs carry 13 (INTERNAL); 14 is google.rpc.Code.UNAVAILABLE.
+FETCH_FAILURE_CODE = 14
+
+# Per-resource states (see AdsServer.resource_state).
+ACK = "ACK"
+NACK = "NACK"
+FETCH_FAILED = "FETCH_FAILED"
+PENDING = "PENDING"
+
+
+@dataclass(frozen=True)
+class ResourceReport:
+    """The last NACK or fetch failure reported for one resource, for the content it was sent with."""
+
+    digest: bytes
+    state: str  # NACK | FETCH_FAILED
+    message: str
+
+
+@dataclass(frozen=True)
+class ResourceState:
+    state: str  # ACK | NACK | FETCH_FAILED | PENDING
+    error: str = ""  # the last NACK/fetch failure message for this resource ("" when none)
+
+
+def _mentions(message: str, name: str) -> bool:
+    """Whether an error message names the resource: its full name, or (ECDS) its PluginConfig name.
+
+    istiod's ECDS names are `extensions.istio.io/wasmplugin/<ns>.<name>`; Envoy's and the proxies'
+    messages name either that or the PluginConfig name `<ns>.<name>`."""
+    short = name.rsplit("/", 1)[-1]
+    return any(
+        re.search(rf"(?<![\w./-]){re.escape(candidate)}(?![\w-])", message) is not None
+        for candidate in {name, short}
+    )
+
+
+def _parts_naming(message: str, name: str) -> str:
+    """The `; `-separated parts of a report that name the resource (the whole message when none do)."""
+    parts = [part for part in message.split("; ") if _mentions(part, name)]
+    return "; ".join(parts) if parts else message
+
 
 @dataclass
 class WatchedResource:
@@ -39,6 +85,11 @@ class WatchedResource:
     last_error: str = ""
     # When the config change that triggered the unacknowledged push happened (for convergence time).
     push_started: float | None = None
+    # Content digests per resource name: of the last response sent, and of the last one ACKed.
+    sent_digests: dict[str, bytes] = field(default_factory=dict)
+    acked_digests: dict[str, bytes] = field(default_factory=dict)
+    # The last NACK / fetch failure per resource name (cleared when that resource is ACKed).
+    reports: dict[str, ResourceReport] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +101,7 @@ class Connection:
     watched: dict[str, WatchedResource] = field(default_factory=dict)
     nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     connected_at: float = field(default_factory=time.time)
+    warnings_logged: set[str] = field(default_factory=set)
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -62,8 +114,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         *,
         debounce_after: float = DEFAULT_DEBOUNCE_AFTER,
         debounce_max: float = DEFAULT_DEBOUNCE_MAX,
+        proxy_warnings: Callable[[str, ProxyNode], list[str]] | None = None,
     ) -> None:
+        """`proxy_warnings(conn_id, proxy)` names problems with a connected proxy (e.g. its node matches
+        no workload); each is logged once per connection, at connect time or after the push that
+        causes it."""
         self.generator = generator
+        self.proxy_warnings = proxy_warnings
         self.metrics = metrics or XdsMetrics()
         self.debounce_after = debounce_after
         self.debounce_max = debounce_max
@@ -141,6 +198,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 watched = conn.watched.get(type_url)
                 if watched is not None:
                     self._respond(conn, watched, snapshot, started, only_if_changed=True)
+            self._log_warnings(conn)
         self._pushes_done += 1
         self._push_event.set()
         self._push_event = asyncio.Event()
@@ -170,6 +228,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self.connections[conn.conn_id] = conn
         self.metrics.connected.set(value=len(self.connections))
         log.info("ADS: new connection %s (namespace %s)", conn.conn_id, proxy.namespace)
+        self._log_warnings(conn)
         self._handle_request(conn, first)
         reader = asyncio.get_running_loop().create_task(self._read_requests(conn, requests))
         try:
@@ -204,6 +263,14 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         names: set[str] | None = None if wildcard else set(request.resource_names)
         watched = conn.watched.get(type_url)
 
+        if request.HasField("error_detail") and request.error_detail.code == FETCH_FAILURE_CODE:
+            # The agent's report: Envoy runs this response, with fallbacks for the named resources.
+            log.warning("ADS:%s: FETCH FAILED %s %s", short, conn.conn_id, request.error_detail.message)
+            if watched is not None and request.response_nonce == watched.nonce_sent:
+                self._acknowledged(conn, watched, request, names)
+                self._report(watched, FETCH_FAILED, request.error_detail.message, only_named=True)
+            return
+
         if request.HasField("error_detail"):
             # NACK: keep what the proxy has, count it, never re-send the same thing.
             detail = request.error_detail
@@ -212,6 +279,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             if watched is not None:
                 watched.last_error = detail.message
                 watched.push_started = None
+                if request.response_nonce == watched.nonce_sent:
+                    self._report(watched, NACK, detail.message, only_named=False)
                 if names is not None:
                     watched.names = names
             return
@@ -233,15 +302,54 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             )
             return
 
-        # ACK of the latest response.
+        self._acknowledged(conn, watched, request, names)
+
+    def _acknowledged(
+        self,
+        conn: Connection,
+        watched: WatchedResource,
+        request: discovery_pb2.DiscoveryRequest,
+        names: set[str] | None,
+    ) -> None:
+        """The proxy runs the latest response: record it, and answer a changed subscription."""
         watched.version_acked = request.version_info
         watched.last_error = ""
+        watched.acked_digests = dict(watched.sent_digests)
+        for name in watched.sent_digests:
+            watched.reports.pop(name, None)
         if watched.push_started is not None:
             self.metrics.convergence.observe(max(0.0, time.monotonic() - watched.push_started))
             watched.push_started = None
         if names is not None and names != watched.names:
             watched.names = names
             self._respond(conn, watched, None, None, only_if_changed=False)
+
+    @staticmethod
+    def _report(watched: WatchedResource, state: str, message: str, *, only_named: bool) -> None:
+        """Attribute a NACK or fetch failure of the latest response to the resources it concerns.
+
+        The resources the message names; for a NACK naming none, those that changed since the last
+        ACK (or, when nothing changed, every resource of the response)."""
+        sent = watched.sent_digests
+        named = [name for name in sent if _mentions(message, name)]
+        if not named and not only_named:
+            named = [name for name, digest in sent.items() if watched.acked_digests.get(name) != digest]
+            named = named or list(sent)
+        for name in named:
+            watched.reports[name] = ResourceReport(sent[name], state, _parts_naming(message, name))
+
+    def _log_warnings(self, conn: Connection) -> None:
+        if self.proxy_warnings is None:
+            return
+        try:
+            warnings = self.proxy_warnings(conn.conn_id, conn.proxy)
+        except Exception:  # a bug here must not break the stream
+            log.exception("xDS: computing warnings for %s failed", conn.conn_id)
+            return
+        for warning in warnings:
+            if warning not in conn.warnings_logged:
+                conn.warnings_logged.add(warning)
+                log.warning("%s", warning)
 
     def _respond(
         self,
@@ -263,6 +371,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         )
         watched.version_sent = version
         watched.nonce_sent = nonce
+        watched.sent_digests = snapshot.digests(watched.type_url, watched.names)
         if change_time is not None:
             watched.push_started = change_time
         self.metrics.pushes.inc(types.short_name(watched.type_url))
@@ -276,6 +385,24 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         )
 
     # ---- introspection ---------------------------------------------------------------------
+
+    @staticmethod
+    def resource_state(conn: Connection, type_url: str, name: str, current: bytes | None) -> ResourceState:
+        """Where the proxy stands with resource `name`, whose current content digest is `current`.
+
+        ACK: it runs this content. NACK / FETCH_FAILED: it refused this content / its agent could not
+        fetch the module and serves the RBAC fallback instead. PENDING: not subscribed yet, or this
+        content is not acknowledged yet (the error of an earlier content is kept as `error`)."""
+        watched = conn.watched.get(type_url)
+        if watched is None or (watched.names is not None and name not in watched.names):
+            return ResourceState(PENDING)
+        report = watched.reports.get(name)
+        if report is not None and report.digest == current:
+            return ResourceState(report.state, report.message)
+        error = report.message if report is not None else ""
+        if current is not None and watched.acked_digests.get(name) == current:
+            return ResourceState(ACK)
+        return ResourceState(PENDING, error)
 
     def describe(self) -> list[dict[str, object]]:
         """Connected proxies and what each has ACKed (served on the API as /debug/connections)."""

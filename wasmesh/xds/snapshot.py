@@ -67,6 +67,17 @@ class Snapshot:
     def get(self, type_url: str, name: str) -> any_pb2.Any | None:
         return self._resources.get(type_url, {}).get(name)
 
+    def digest(self, type_url: str, name: str) -> bytes | None:
+        """The content digest of one resource (None when the snapshot does not have it)."""
+        return self._digests.get(type_url, {}).get(name)
+
+    def digests(self, type_url: str, names: Iterable[str] | None) -> dict[str, bytes]:
+        """Name → content digest of what `select(type_url, names)` sends."""
+        available = self._digests.get(type_url, {})
+        if names is None:
+            return dict(available)
+        return {name: available[name] for name in names if name in available}
+
     def select(self, type_url: str, names: Iterable[str] | None) -> tuple[str, list[any_pb2.Any]]:
         """(version, resources) for a subscription; `names=None` means wildcard (all).
 

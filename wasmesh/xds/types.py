@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from envoy.extensions.wasm.v3 import wasm_pb2
+
 LISTENER: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -13,9 +15,32 @@ EXTENSION_CONFIG: Final = "type.googleapis.com/envoy.config.core.v3.TypedExtensi
 HTTP_WASM: Final = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 HTTP_RBAC: Final = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 HTTP_ROUTER: Final = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+NETWORK_WASM: Final = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
+NETWORK_RBAC: Final = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+UDPA_TYPED_STRUCT: Final = "type.googleapis.com/udpa.type.v1.TypedStruct"
+XDS_TYPED_STRUCT: Final = "type.googleapis.com/xds.type.v3.TypedStruct"
 HTTP_CONNECTION_MANAGER: Final = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
+
+# The VM environment keys istiod adds to a Wasm config for the agent (pilot/pkg/model/wasm.go). The
+# agent, or a wasmesh proxy fetching remote code itself, consumes and strips every ISTIO_META_* key
+# before the plugin runs, so none leaks into the plugin's environment.
+ISTIO_META_PREFIX: Final = "ISTIO_META_"
+ENV_PULL_SECRET: Final = "ISTIO_META_WASM_IMAGE_PULL_SECRET"
+ENV_PULL_POLICY: Final = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
+ENV_RESOURCE_VERSION: Final = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
+
+# WasmPlugin failStrategy names ↔ Envoy's FailurePolicy; Envoy treats UNSPECIFIED as FAIL_CLOSED.
+FAILURE_POLICY_BY_STRATEGY: Final = {
+    "FAIL_CLOSE": wasm_pb2.FAIL_CLOSED,
+    "FAIL_OPEN": wasm_pb2.FAIL_OPEN,
+    "FAIL_RELOAD": wasm_pb2.FAIL_RELOAD,
+}
+STRATEGY_BY_FAILURE_POLICY: Final = {
+    wasm_pb2.UNSPECIFIED: "FAIL_CLOSE",
+    **{policy: strategy for strategy, policy in FAILURE_POLICY_BY_STRATEGY.items()},
+}
 
 # Istio's pkg/model/xds.go GetMetricType: the label value of pilot_total_xds_rejects / pilot_xds_pushes.
 _SHORT_NAMES: Final = {

@@ -141,6 +141,8 @@ typedef struct stream_ctx {
   strbuf seen;        /* the callbacks this stream received, in order */
   int local_reply_sent;
   int results_emitted;
+  char *prop_list;    /* props-phases: the x-probe-props header value (dotted paths, comma-separated) */
+  strbuf prop_dump;   /* props-phases: one line per (phase, property) read so far */
   struct stream_ctx *next;
 } stream_ctx;
 
@@ -549,6 +551,68 @@ static void case_properties(stream_ctx *s) {
   add_status(s, "prop-set",
              proxy_set_property(set_path, sizeof(set_path) - 1, set_value, sizeof(set_value) - 1));
   report_property(s, "probe_prop", 's');
+}
+
+/* props-phases: reads every property of `x-probe-props` (dotted paths, each '.' a path separator)
+   and appends one line per property: "<phase> <path> <status> <hex of the raw value>\n". The raw
+   bytes are kept whole, so the test compares the exact encoding (int64 LE, bool byte, proto, pairs)
+   and not a rendering of it. */
+static void dump_properties(stream_ctx *s, const char *phase) {
+  static const char hex[] = "0123456789abcdef";
+  if (!s->prop_list) return;
+  const char *p = s->prop_list;
+  while (*p) {
+    while (*p == ',' || *p == ' ') p++;
+    const char *start = p;
+    while (*p && *p != ',' && *p != ' ') p++;
+    size_t n = (size_t)(p - start);
+    char path[256];
+    if (n == 0 || n >= sizeof(path)) continue;
+    for (size_t i = 0; i < n; i++) path[i] = start[i] == '.' ? '\0' : start[i];
+    char *value = NULL;
+    size_t len = 0;
+    pw_status status = proxy_get_property(path, n, &value, &len);
+    sb_str(&s->prop_dump, phase);
+    sb_str(&s->prop_dump, " ");
+    sb_append(&s->prop_dump, start, n);
+    sb_str(&s->prop_dump, " ");
+    sb_u64(&s->prop_dump, status);
+    sb_str(&s->prop_dump, " ");
+    for (size_t i = 0; status == PW_OK && i < len; i++) {
+      sb_append(&s->prop_dump, &hex[((unsigned char)value[i]) >> 4], 1);
+      sb_append(&s->prop_dump, &hex[((unsigned char)value[i]) & 15], 1);
+    }
+    sb_str(&s->prop_dump, "\n");
+    free(value);
+  }
+}
+
+/* After the response (on_log, on_done) the dump can only leave through shared data: a later
+   `props-fetch` request with the same x-probe-key returns it. */
+static void store_property_dump(stream_ctx *s) {
+  if (!s->prop_list) return;
+  strbuf key = {0};
+  sb_str(&key, "probe-props-");
+  sb_str(&key, s->key);
+  proxy_set_shared_data(key.data, key.len, sb_cstr(&s->prop_dump), s->prop_dump.len, 0);
+  sb_free(&key);
+}
+
+/* props-fetch: a local 200 whose body is the dump stored under this x-probe-key ("" if none). */
+static void case_props_fetch(stream_ctx *s) {
+  strbuf key = {0};
+  sb_str(&key, "probe-props-");
+  sb_str(&key, s->key);
+  char *value = NULL;
+  size_t len = 0;
+  uint32_t cas = 0;
+  if (proxy_get_shared_data(key.data, key.len, &value, &len, &cas) != PW_OK) len = 0;
+  static const char details[] = "probe_props_fetch";
+  proxy_send_local_response(200, details, sizeof(details) - 1, value ? value : "", len, NULL, 0, PW_NO_GRPC_STATUS);
+  s->local_reply_sent = 1;
+  s->results_emitted = 1;
+  free(value);
+  sb_free(&key);
 }
 
 static void case_shared_data(stream_ctx *s) {
@@ -1009,6 +1073,14 @@ uint32_t proxy_on_request_headers(uint32_t context_id, uint32_t num_headers, uin
   if (has_case(s, "req-headers")) case_request_headers(s);
   if (has_case(s, "req-set-pairs")) case_request_set_pairs(s);
   if (has_case(s, "props")) case_properties(s);
+  if (has_case(s, "props-phases")) {
+    s->prop_list = header_string(PW_MAP_REQUEST_HEADERS, "x-probe-props");
+    dump_properties(s, "reqh");
+  }
+  if (has_case(s, "props-fetch")) {
+    case_props_fetch(s);
+    return PW_HEADERS_CONTINUE;
+  }
   if (has_case(s, "shared")) case_shared_data(s);
   if (has_case(s, "queue")) case_shared_queue(s);
   if (has_case(s, "metrics")) case_metrics(s);
@@ -1048,6 +1120,7 @@ uint32_t proxy_on_request_body(uint32_t context_id, uint32_t body_size, uint32_t
   stream_ctx *s = find_stream(context_id);
   if (!s) return PW_DATA_CONTINUE;
   if (end_of_stream) mark_seen(s, "reqb:eos");
+  if (end_of_stream) dump_properties(s, "reqb");
   if (!wants_body(s, "req")) return PW_DATA_CONTINUE;
   if (!end_of_stream) return PW_DATA_STOP_ITERATION_AND_BUFFER;
   body_at_end(s, PW_BUFFER_REQUEST_BODY, "req", body_size);
@@ -1059,6 +1132,7 @@ PW_EXPORT(proxy_on_request_trailers) uint32_t proxy_on_request_trailers(uint32_t
   stream_ctx *s = find_stream(context_id);
   if (!s) return PW_TRAILERS_CONTINUE;
   mark_seen(s, "reqt");
+  dump_properties(s, "reqt");
   if (has_case(s, "req-trailers")) {
     report_header(s, PW_MAP_REQUEST_TRAILERS, "x-trailer-in", "req-trailer-get");
     add_status(s, "req-trailer-add", add_header(PW_MAP_REQUEST_TRAILERS, "x-probe-trailer-added", "added"));
@@ -1073,6 +1147,7 @@ uint32_t proxy_on_response_headers(uint32_t context_id, uint32_t num_headers, ui
   stream_ctx *s = find_stream(context_id);
   if (!s) return PW_HEADERS_CONTINUE;
   mark_seen(s, end_of_stream ? "resph:eos" : "resph");
+  dump_properties(s, "resph");
   if (!s->cases || s->local_reply_sent) return PW_HEADERS_CONTINUE;
   if (has_case(s, "resp-headers")) {
     report_header(s, PW_MAP_RESPONSE_HEADERS, ":status", "resp-get-status");
@@ -1102,6 +1177,7 @@ uint32_t proxy_on_response_body(uint32_t context_id, uint32_t body_size, uint32_
   stream_ctx *s = find_stream(context_id);
   if (!s) return PW_DATA_CONTINUE;
   if (end_of_stream) mark_seen(s, "respb:eos");
+  if (end_of_stream) dump_properties(s, "respb");
   if (!wants_body(s, "resp") || s->local_reply_sent) return PW_DATA_CONTINUE;
   if (!end_of_stream) return PW_DATA_STOP_ITERATION_AND_BUFFER;
   /* Response headers are already gone; report the body results by editing the body itself. */
@@ -1114,6 +1190,7 @@ PW_EXPORT(proxy_on_response_trailers) uint32_t proxy_on_response_trailers(uint32
   stream_ctx *s = find_stream(context_id);
   if (!s) return PW_TRAILERS_CONTINUE;
   mark_seen(s, "respt");
+  dump_properties(s, "respt");
   if (has_case(s, "resp-trailers")) {
     char *value = NULL;
     size_t len = 0;
@@ -1137,6 +1214,8 @@ PW_EXPORT(proxy_on_log) void proxy_on_log(uint32_t context_id) {
   if (!s) return;
   mark_seen(s, "log");
   if (!s->cases) return;
+  dump_properties(s, "log");
+  store_property_dump(s);
   strbuf msg = {0};
   sb_str(&msg, "probe: on_log cases=");
   sb_str(&msg, s->cases);
@@ -1148,7 +1227,11 @@ PW_EXPORT(proxy_on_log) void proxy_on_log(uint32_t context_id) {
 
 PW_EXPORT(proxy_on_done) uint32_t proxy_on_done(uint32_t context_id) {
   stream_ctx *s = find_stream(context_id);
-  if (s) mark_seen(s, "done");
+  if (s) {
+    mark_seen(s, "done");
+    dump_properties(s, "done");
+    store_property_dump(s);
+  }
   return 1;
 }
 
@@ -1167,6 +1250,8 @@ PW_EXPORT(proxy_on_delete) void proxy_on_delete(uint32_t context_id) {
     }
     free(s->cases);
     free(s->key);
+    free(s->prop_list);
+    sb_free(&s->prop_dump);
     sb_free(&s->seen);
     free(s);
     return;

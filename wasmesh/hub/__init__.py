@@ -1,1 +1,0 @@
-"""wasmesh.hub."""
