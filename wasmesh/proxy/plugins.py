@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from wasmesh.http.filter_manager import upstream_failure_body
 from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.chain import PluginChain
 from wasmesh.proxy.config import CacheConfig, ListenerConfig, PluginResource, WasmLimits
@@ -311,6 +312,27 @@ class ClusterHttpCaller:
         return True
 
 
+# Envoy's words for a connect failure in "reset reason: ..." (StreamResetReason names).
+_ENVOY_CONNECT_FAILURE = {
+    "connection_refused": "remote connection failure",
+    "connection_failure": "remote connection failure",
+    "connect_timeout": "connection timeout",
+}
+
+
+def _reset_before_headers_body(reason: str) -> bytes:
+    return b"upstream connect error or disconnect/reset before headers. reset reason: " + reason.encode()
+
+
+def _local_answer(status: int, body: bytes) -> Any:
+    """An http_call answer Envoy's AsyncClient makes up itself (its router's local reply)."""
+    from wasmesh.runtime.contexts import HttpCallResponse
+
+    headers = HeaderMap([(b":status", b"%d" % status), (b"content-length", b"%d" % len(body)),
+                         (b"content-type", b"text/plain")])  # fmt: skip
+    return HttpCallResponse(headers=headers, body=body)
+
+
 class _HttpCall:
     """An UpstreamStream that buffers the whole response (Envoy's AsyncClient for http_call)."""
 
@@ -346,8 +368,10 @@ class _HttpCall:
             log.exception("http_call response callback failed")
 
     def _timeout(self) -> None:
+        # Envoy's AsyncClient router answers a timed-out call itself: a 504 the plugin receives as a
+        # response (3 headers, body "upstream request timeout"), not as a failure.
         self._timer = None
-        self._finish(None, clean=False)
+        self._finish(_local_answer(504, upstream_failure_body(504, "upstream_response_timeout")), clean=False)
 
     def on_upstream_ready(self, conn: UpstreamConnection) -> None:
         if self._done:
@@ -359,7 +383,9 @@ class _HttpCall:
         conn.write(self._request)
 
     def on_upstream_connect_failure(self, reason: str) -> None:
-        self._finish(None, clean=False)
+        # As Envoy's router: a 503 local answer, delivered to the plugin as a response.
+        body = _reset_before_headers_body(_ENVOY_CONNECT_FAILURE.get(reason, reason))
+        self._finish(_local_answer(503, body), clean=False)
 
     def on_response_headers(self, headers: HeaderMap, end_stream: bool, keep_alive: bool) -> None:
         self._headers = headers
@@ -378,7 +404,11 @@ class _HttpCall:
 
     def on_upstream_reset(self, reason: str) -> None:
         self._conn = None
-        self._finish(None, clean=False)
+        if self._headers is None:  # before the response started: Envoy's router answers 503 itself
+            body = _reset_before_headers_body(reason.replace("_", " "))
+            self._finish(_local_answer(503, body), clean=False)
+        else:  # mid-response: the plugin gets a failure (no headers, status BrokenConnection "reset")
+            self._finish(None, clean=False)
 
     def on_upstream_writable(self, writable: bool) -> None:
         pass

@@ -170,10 +170,12 @@ class WasmHttpFilter(StreamContext):
                     return None
             self.created = True
         try:
-            if fn is None:
-                return None
+            # A VM that failed in between (a trap in on_tick, on_queue_ready, on_http_call_response)
+            # fails this stream now, exported callback or not, as cpp-host's CHECK_FAIL does.
             if vm.failure is not None:
                 raise vm.failure
+            if fn is None:
+                return None
             # PluginVm.call: this context is current and effective for the call.
             saved_current = vm._current
             saved_effective = vm._effective
@@ -293,14 +295,14 @@ class WasmHttpFilter(StreamContext):
     def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
         self.request_body = data
         fn = self._exports.request_body
-        if fn is None and self.id:  # nothing to call (header-only plugins): what _call(None) would give
+        if fn is None and self.id and self._vm.failure is None:  # header-only plugins: what _call(None) gives
             return _DATA_STOP_NO_BUFFER if self._stopped_by_reply_or_failure() else _DATA_CONTINUE
         return self._data_status(self._decode(fn, len(data), end_stream))
 
     def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
         self.request_trailers = trailers
         fn = self._exports.request_trailers
-        if fn is None and self.id:
+        if fn is None and self.id and self._vm.failure is None:
             return _TRAILERS_STOP if self._stopped_by_reply_or_failure() else _TRAILERS_CONTINUE
         return self._trailers_status(self._decode(fn, len(trailers)))
 
@@ -339,6 +341,8 @@ class WasmHttpFilter(StreamContext):
         return _TRAILERS_CONTINUE if passthrough else status
 
     def on_log(self) -> None:
+        if self._vm.failure is not None:
+            return  # cpp-host: no on_log on a failed VM, and no failure reply this late
         # Envoy creates the context first if the request never reached this filter.
         self.in_log = True
         try:

@@ -58,6 +58,10 @@ class EnvoyWasmPlugin:
     name: str = ""
     env: Mapping[str, str] = field(default_factory=dict)
     fail_open: bool = False
+    # PluginConfig.failure_policy by name (FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD); "" leaves it unset.
+    failure_policy: str = ""
+    # vm_config.environment_variables.host_env_keys: copied from Envoy's own environment.
+    host_env_keys: Sequence[str] = ()
 
 
 @dataclass
@@ -123,8 +127,13 @@ def _wasm_filter(plugin: EnvoyWasmPlugin, filename: str, index: int) -> dict[str
             "@type": "type.googleapis.com/google.protobuf.StringValue",
             "value": plugin.vm_configuration,
         }
-    if plugin.env:
-        vm_config["environment_variables"] = {"key_values": dict(plugin.env)}
+    if plugin.env or plugin.host_env_keys:
+        variables: dict[str, Any] = {}
+        if plugin.env:
+            variables["key_values"] = dict(plugin.env)
+        if plugin.host_env_keys:
+            variables["host_env_keys"] = list(plugin.host_env_keys)
+        vm_config["environment_variables"] = variables
     config: dict[str, Any] = {
         "name": plugin.name or f"plugin-{index}",
         "root_id": plugin.root_id,
@@ -136,6 +145,8 @@ def _wasm_filter(plugin: EnvoyWasmPlugin, filename: str, index: int) -> dict[str
     }
     if plugin.fail_open:
         config["fail_open"] = True
+    if plugin.failure_policy:
+        config["failure_policy"] = plugin.failure_policy
     return {
         "name": "envoy.filters.http.wasm",
         "typed_config": {"@type": f"{_TYPE_PREFIX}.filters.http.wasm.v3.Wasm", "config": config},
