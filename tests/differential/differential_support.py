@@ -8,15 +8,34 @@ returns a `DifferentialPair` whose `run(...)` sends the same request to both.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from wasmesh.api import Document, parse_wasmplugin, plugin_configuration_json
 from wasmesh.testing.compare import ObservedExchange, observe_envoy, observe_harness
-from wasmesh.testing.envoy import EnvoyRunner, EnvoyWasmPlugin, envoy_binary
+from wasmesh.testing.envoy import (
+    UPSTREAM_CLUSTER,
+    EnvoyRunner,
+    EnvoyWasmPlugin,
+    envoy_binary,
+    free_port,
+    http1_request,
+)
 from wasmesh.testing.harness import HttpCall, Plugin, PluginHarness, Upstream, UpstreamRequest
 from wasmesh.testing.upstream import RecordedRequest, RecordingUpstream, Reply
 
@@ -231,3 +250,222 @@ def higress_module(name: str) -> Path:
     if not found:
         pytest.skip(f"gpustack-higress-plugins has no {name} plugin")
     return found[-1]
+
+
+# --------------------------------------------------------------------------- sockets mode
+# The same comparison with wasmesh as a real proxy process (`python -m wasmesh proxy --config`, the
+# machinery `wasmesh run` drives) on real sockets, next to the same Envoy 1.40. The proxy's file mirrors
+# the Envoy bootstrap of wasmesh.testing.envoy (listener_0 → virtual host "all" → route "default" →
+# cluster "upstream", use_remote_address false as Envoy's default, the same node and extra clusters),
+# so whatever differs is behaviour, not configuration. Plugins become WasmPlugin resources, so each
+# configuration must be a JSON object (or empty); Envoy gets it as Istio would send it
+# (wasmesh.api.plugin_configuration_json: compact, keys sorted).
+
+
+def istio_configuration(plugin: EnvoyWasmPlugin) -> dict[str, object] | None:
+    """The pluginConfig of `plugin` (None when it has no configuration)."""
+    if not plugin.configuration:
+        return None
+    value = json.loads(plugin.configuration)
+    if not isinstance(value, dict):
+        raise ValueError(f"plugin {plugin.name!r}: sockets mode needs a JSON object configuration")
+    return value
+
+
+def wasmplugin_document(plugin: EnvoyWasmPlugin, module: Path, index: int, count: int) -> dict[str, Any]:
+    """`plugin` as a WasmPlugin resource; priorities keep the list's order (Istio: higher first)."""
+    if plugin.vm_id or plugin.vm_configuration:
+        raise ValueError(f"plugin {plugin.name!r}: a WasmPlugin has no vm_id / vm_configuration")
+    spec: dict[str, Any] = {"url": f"file://{module}", "priority": count - index}
+    config = istio_configuration(plugin)
+    if config is not None:
+        spec["pluginConfig"] = config
+    if plugin.root_id:
+        spec["pluginName"] = plugin.root_id
+    if plugin.env:
+        spec["vmConfig"] = {"env": [{"name": k, "value": v} for k, v in plugin.env.items()]}
+    if plugin.fail_open:
+        spec["failStrategy"] = "FAIL_OPEN"
+    return {
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": {"name": plugin.name or f"plugin-{index}", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def as_istio_sends(plugin: EnvoyWasmPlugin, document: dict[str, Any], source: Path) -> EnvoyWasmPlugin:
+    """`plugin` with its configuration in the bytes istiod would hand Envoy for `document`."""
+    parsed = parse_wasmplugin(Document("WasmPlugin", document["apiVersion"], document, source, 1))
+    return dataclasses.replace(plugin, configuration=plugin_configuration_json(parsed).decode())
+
+
+class WasmeshProxyProcess:
+    """`python -m wasmesh proxy --config FILE` with the plugins and clusters of an Envoy bootstrap."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        documents: Sequence[dict[str, Any]],
+        *,
+        upstream_port: int,
+        clusters: dict[str, int],
+        node_id: str,
+        wasm: dict[str, str] | None = None,
+    ) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        all_clusters = {UPSTREAM_CLUSTER: upstream_port, **clusters}
+        config: dict[str, Any] = {
+            "node": {"id": node_id, "cluster": "wasmesh-differential"},
+            "admin": {"address": "127.0.0.1", "port": self.admin_port},
+            "listeners": [{
+                "name": "listener_0", "address": "127.0.0.1", "port": self.port, "use_remote_address": False,
+                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                    {"name": "default", "match": {"prefix": "/"}, "cluster": UPSTREAM_CLUSTER,
+                     "timeout": "10s"}]}],
+            }],
+            "clusters": [{"name": name, "endpoints": [f"127.0.0.1:{port}"]}
+                         for name, port in all_clusters.items()],
+            "plugins": list(documents),
+        }  # fmt: skip
+        if wasm:
+            config["wasm"] = wasm
+        self.config_path = workdir / "wasmesh-proxy.yaml"
+        self.config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+        self.log_path = workdir / "wasmesh-proxy.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WasmeshProxyProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "wb") as log_file:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "wasmesh", "proxy", "--config", str(self.config_path),
+                 "--log-level", "warning"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            if self._process.poll() is not None:
+                log_tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"wasmesh proxy exited: {log_tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("wasmesh proxy not ready after 120s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class SocketsPair:
+    """Envoy and a wasmesh proxy process with the same plugins; requests go over sockets to both."""
+
+    envoy: EnvoyRunner
+    upstream: RecordingUpstream
+    proxy: WasmeshProxyProcess
+    workdir: Path
+    mask: Callable[[str, str], str] = mask_volatile
+    callout_paths: frozenset[str] = CALLOUT_PATHS
+
+    def _observe(
+        self,
+        port: int,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        trailers: Sequence[tuple[str, str]],
+    ) -> ObservedExchange | str:
+        self.upstream.clear()
+        try:
+            response = http1_request(port, method, path, headers, body, trailers=trailers)
+        except (ConnectionError, OSError):  # the stream was reset
+            return "reset"
+        requests = [r for r in self.upstream.requests if r.path.split("?")[0] not in self.callout_paths]
+        return observe_envoy(response, requests, self.mask)
+
+    def run(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        trailers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[ObservedExchange | str, ObservedExchange | str]:
+        pairs = [("host", "example.com"), *headers]
+        return (
+            self._observe(self.envoy.listener_port, method, path, pairs, body, trailers),
+            self._observe(self.proxy.port, method, path, pairs, body, trailers),
+        )
+
+
+ComparedProxies = DifferentialPair | SocketsPair
+PAIR_MODES = ("harness", "sockets")
+
+
+def start_sockets_pair(
+    plugins: Sequence[EnvoyWasmPlugin],
+    upstream: RecordingUpstream,
+    cluster_names: Sequence[str] = (),
+    wasm: dict[str, str] | None = None,
+) -> SocketsPair:
+    """Envoy and `wasmesh proxy` with the same plugins (as WasmPlugins); named clusters → `upstream`."""
+    workdir = Path(tempfile.mkdtemp(prefix="wasmesh-sockets-"))
+    documents, envoy_plugins = [], []
+    for index, plugin in enumerate(plugins):
+        module = plugin.module
+        if isinstance(module, bytes):
+            path = workdir / f"plugin-{index}.wasm"
+            path.write_bytes(module)
+            module = path
+        document = wasmplugin_document(plugin, Path(module).resolve(), index, len(plugins))
+        documents.append(document)
+        envoy_plugins.append(as_istio_sends(plugin, document, workdir / "plugins.yaml"))
+    clusters = {name: upstream.port for name in cluster_names}
+    envoy = EnvoyRunner(envoy_plugins, upstream_port=upstream.port, clusters=clusters)
+    envoy.start()
+    proxy = WasmeshProxyProcess(
+        workdir, documents, upstream_port=upstream.port, clusters=clusters, node_id=envoy.node_id, wasm=wasm
+    )
+    try:
+        proxy.start()
+    except BaseException:
+        envoy.stop()
+        raise
+    return SocketsPair(envoy, upstream, proxy, workdir)
+
+
+def start_compared(
+    mode: str,
+    plugins: Sequence[EnvoyWasmPlugin],
+    upstream: RecordingUpstream,
+    cluster_names: Sequence[str] = (),
+) -> ComparedProxies:
+    """`start_pair` (mode "harness") or `start_sockets_pair` (mode "sockets")."""
+    if mode == "sockets":
+        return start_sockets_pair(plugins, upstream, cluster_names)
+    return start_pair(plugins, upstream, cluster_names)
+
+
+def stop_compared(pair: ComparedProxies) -> None:
+    if isinstance(pair, SocketsPair):
+        pair.proxy.stop()
+        pair.envoy.stop()
+        shutil.rmtree(pair.workdir, ignore_errors=True)
+    else:
+        stop_pair(pair)

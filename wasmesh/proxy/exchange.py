@@ -182,7 +182,7 @@ class ProxyExchange:
             info.tls = conn.tls
         self.info = info
         self.request_received = end_stream
-        method = headers.pairs()[0][1]
+        method = headers.pairs()[2][1]  # RequestParser's order: :authority, :path, :method
         self.head_request = method == b"HEAD"
         self._mutate_request_headers(headers)
         selected = listener.router.select(headers)
