@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +378,7 @@ class SocketsPair:
     """Envoy and a wasmesh proxy process with the same plugins; requests go over sockets to both."""
 
     envoy: EnvoyRunner
-    upstream: RecordingUpstream
+    upstream: RecordingUpstream | PacedUpstream
     proxy: WasmeshProxyProcess
     workdir: Path
     mask: Callable[[str, str], str] = mask_volatile
@@ -420,7 +422,7 @@ PAIR_MODES = ("harness", "sockets")
 
 def start_sockets_pair(
     plugins: Sequence[EnvoyWasmPlugin],
-    upstream: RecordingUpstream,
+    upstream: RecordingUpstream | PacedUpstream,
     cluster_names: Sequence[str] = (),
     wasm: dict[str, str] | None = None,
 ) -> SocketsPair:
@@ -469,3 +471,113 @@ def stop_compared(pair: ComparedProxies) -> None:
         shutil.rmtree(pair.workdir, ignore_errors=True)
     else:
         stop_pair(pair)
+
+
+@dataclass
+class PacedReply:
+    """A response written as raw wire `pieces` (framing included), `delay_s` apart, after the head."""
+
+    status: int = 200
+    headers: Sequence[tuple[str, str]] = (("content-type", "text/plain"), ("content-length", "13"))
+    pieces: Sequence[bytes] = (b"upstream-body",)
+    delay_s: float = 0.0
+
+
+def chunked(*chunks: bytes) -> list[bytes]:
+    """Wire pieces of a chunked body: one piece per chunk, the last one with the terminating chunk."""
+    pieces = [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks]
+    if pieces:
+        pieces[-1] += b"0\r\n\r\n"
+    else:
+        pieces = [b"0\r\n\r\n"]
+    return pieces
+
+
+class PacedUpstream:
+    """An upstream that records requests like RecordingUpstream and answers each path with a
+    `PacedReply` (so a response body reaches the proxy in separate reads); other paths get 200."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, PacedReply] = {}
+        self.requests: list[RecordedRequest] = []
+        self.body_received = 0  # body bytes of the request being read, as they arrive
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def wait_body(self, size: int, timeout_s: float = 15.0) -> None:
+        """Until the request being read has brought `size` body bytes (the proxy forwarded them)."""
+        deadline = time.monotonic() + timeout_s
+        while self.body_received < size:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the upstream got {self.body_received} body bytes, not {size}")
+            time.sleep(0.01)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.body_received = 0
+
+    def start(self) -> PacedUpstream:
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                with upstream._lock:
+                    upstream.body_received = 0
+                chunks: list[bytes] = []
+                if (self.headers.get("transfer-encoding") or "").lower() == "chunked":
+                    while size := int(self.rfile.readline().strip().split(b";")[0], 16):
+                        chunks.append(self._take(self.rfile.read(size)))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                else:
+                    left = int(self.headers.get("content-length") or 0)
+                    while left > 0:
+                        piece = self.rfile.read1(left)
+                        if not piece:
+                            break
+                        chunks.append(self._take(piece))
+                        left -= len(piece)
+                body = b"".join(chunks)
+                headers = [(k.lower(), v) for k, v in self.headers.items()]
+                with upstream._lock:
+                    upstream.requests.append(RecordedRequest(self.command, self.path, headers, body))
+                reply = upstream.replies.get(self.path.split("?")[0], PacedReply())
+                head = f"HTTP/1.1 {reply.status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
+                self.wfile.write(head.encode("latin-1") + b"\r\n")
+                self.wfile.flush()
+                for piece in reply.pieces:
+                    if reply.delay_s:
+                        time.sleep(reply.delay_s)
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+
+            def _take(self, piece: bytes) -> bytes:
+                with upstream._lock:
+                    upstream.body_received += len(piece)
+                return piece
+
+            do_GET = do_POST = do_PUT = _handle
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="paced-upstream", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

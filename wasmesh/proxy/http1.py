@@ -23,6 +23,8 @@ LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+# Envoy says RFC 9110's name where Python's table still has RFC 7231's (observed with Envoy 1.40).
+_REASONS[413] = b"Payload Too Large"
 
 
 def reason_phrase(status: int) -> bytes:

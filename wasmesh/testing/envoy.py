@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -113,15 +113,27 @@ def _read_response(stream: Any, method: str) -> EnvoyResponse:
 
 
 def http1_exchange(
-    port: int, pieces: Sequence[bytes], method: str = "GET", *, delay_s: float = 0.0, timeout_s: float = 15.0
+    port: int,
+    pieces: Sequence[bytes],
+    method: str = "GET",
+    *,
+    delay_s: float = 0.0,
+    between: Callable[[int], None] | None = None,
+    timeout_s: float = 15.0,
 ) -> EnvoyResponse:
-    """Send ``pieces`` to 127.0.0.1:``port`` (``delay_s`` apart, so each arrives in its own read) and
-    read one response to a ``method`` request."""
+    """Send ``pieces`` to 127.0.0.1:``port`` and read one response to a ``method`` request.
+
+    Between two pieces the client waits ``delay_s`` and calls ``between(index of the piece sent)``
+    (e.g. to wait until the upstream got it), so each piece reaches the proxy in its own read.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for index, piece in enumerate(pieces):
-            if index and delay_s:
-                time.sleep(delay_s)
+            if index:
+                if delay_s:
+                    time.sleep(delay_s)
+                if between is not None:
+                    between(index - 1)
             sock.sendall(piece)
         return _read_response(sock.makefile("rb"), method)
 

@@ -16,6 +16,7 @@
  *   rewrite      like buffer; on the end_of_stream call the whole body is replaced (proxy_set_buffer_bytes
  *                at offset 0 over body_size bytes) by "rewritten(<size>):" + the body read back
  *   rewrite-last Continue, and on the end_of_stream call the same replacement over what that call holds
+ * (both rewrite modes remove content-length in the headers callback, as body-changing plugins must)
  * `x-framing-deny: 1` answers 401 from on_request_headers (a local reply before the body is read).
  * `x-framing-log-spin-ms: N` makes on_log busy-wait N ms and store its end time (ns) under
  * `framing/<key>/log-end`, so a client can tell whether the response was sent before on_log ran.
@@ -196,6 +197,9 @@ uint32_t proxy_on_request_headers(uint32_t context_id, uint32_t num_headers, uin
   if (spin) s->log_spin_ms = (uint32_t)strtoul(spin, NULL, 10);
   free(spin);
   append_event(s, "rqh", -1, end_of_stream);
+  /* A plugin that changes a body drops its length (as real plugins do), so the proxy re-frames it. */
+  if (s->request_mode == MODE_REWRITE || s->request_mode == MODE_REWRITE_LAST)
+    proxy_remove_header_map_value(PW_MAP_REQUEST_HEADERS, "content-length", 14);
   char *deny = get_header_string(PW_MAP_REQUEST_HEADERS, "x-framing-deny");
   if (deny) {
     free(deny);
@@ -227,6 +231,8 @@ uint32_t proxy_on_response_headers(uint32_t context_id, uint32_t num_headers, ui
   stream *s = find_stream(context_id);
   if (!s) return PW_HEADERS_CONTINUE;
   append_event(s, "rsh", -1, end_of_stream);
+  if (s->response_mode == MODE_REWRITE || s->response_mode == MODE_REWRITE_LAST)
+    proxy_remove_header_map_value(PW_MAP_RESPONSE_HEADERS, "content-length", 14);
   /* What the request side saw, for tests that do not need the shared-data read-back. */
   set_header(PW_MAP_RESPONSE_HEADERS, "x-framing-request-events", s->events);
   return PW_HEADERS_CONTINUE;
