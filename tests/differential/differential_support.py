@@ -501,6 +501,7 @@ class PacedUpstream:
         self.replies: dict[str, PacedReply] = {}
         self.requests: list[RecordedRequest] = []
         self.body_received = 0  # body bytes of the request being read, as they arrive
+        self.heads_received = 0  # request heads read since clear()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -521,6 +522,7 @@ class PacedUpstream:
         with self._lock:
             self.requests.clear()
             self.body_received = 0
+            self.heads_received = 0
 
     def start(self) -> PacedUpstream:
         upstream = self
@@ -531,6 +533,7 @@ class PacedUpstream:
             def _handle(self) -> None:
                 with upstream._lock:
                     upstream.body_received = 0
+                    upstream.heads_received += 1
                 chunks: list[bytes] = []
                 if (self.headers.get("transfer-encoding") or "").lower() == "chunked":
                     while size := int(self.rfile.readline().strip().split(b";")[0], 16):

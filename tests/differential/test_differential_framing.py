@@ -73,6 +73,8 @@ class Seen:
     body: bytes
     events: str  # the plugin's callback sequence
     upstream_body: bytes | None  # None: no request reached the upstream
+    # While a plugin holds the body: (request heads, body bytes) the upstream had at each pause.
+    upstream_during: tuple[tuple[int, int], ...] = ()
 
 
 def stored_events(port: int, key: str) -> str:
@@ -111,6 +113,8 @@ def observe(
     first = head(method, path, [*headers, ("x-framing-key", key)])
     sent = [sum(payload_sizes[: i + 1]) for i in range(len(payload_sizes))]
 
+    during: list[tuple[int, int]] = []
+
     def between(index: int) -> None:
         if index == 0:
             return  # the head alone: the headers callback runs before any body arrives
@@ -118,13 +122,13 @@ def observe(
             upstream.wait_body(sent[index - 1])
         else:
             time.sleep(PAUSE_S)
+            during.append((upstream.heads_received, upstream.body_received))
 
     response = http1_exchange(port, [first, *pieces], method, between=between)
     requests = [r for r in upstream.requests if r.path != "/read"]
     assert len(requests) <= 1
-    return Seen(
-        response.status, response.body, stored_events(port, key), requests[0].body if requests else None
-    )
+    upstream_body = requests[0].body if requests else None
+    return Seen(response.status, response.body, stored_events(port, key), upstream_body, tuple(during))
 
 
 def compare(pair: SocketsPair, *args: object) -> Seen:
@@ -207,6 +211,10 @@ def test_request_body_framing_matches_envoy(framing: SocketsPair, body: str, mod
         "rewrite-last": payload + b"rewritten(0):" if has_body_callbacks else b"",
     }[mode]
     assert seen.upstream_body == expected_upstream
+    if mode in ("buffer", "nobuffer", "rewrite"):
+        # What reaches the upstream while the plugin stops the body: the request head at once
+        # (on_request_headers continued), no body byte until end_of_stream (buffer) or ever (nobuffer).
+        assert seen.upstream_during == ((1, 0),) * (len(pieces) - 1)
 
 
 def _payloads(body: str) -> list[bytes]:
