@@ -336,14 +336,20 @@ def test_local_reply_before_the_body_closes_the_connection_as_envoy(
     results = []
     for port in (framing.envoy.listener_port, framing.proxy.port):
         paced_upstream.clear()
-        raw, closed = raw_exchange(port, post + SMUGGLED + SECOND)
-        results.append((normalized_answers(raw), closed, [r.path for r in paced_upstream.requests]))
+        second_key = uuid.uuid4().hex[:12]  # the plugin stores a record if it ever sees the second request
+        second = head("GET", "/second", [("x-framing-key", second_key)])
+        raw, closed = raw_exchange(port, post + SMUGGLED + second)
+        time.sleep(0.5)  # time for a wrongly parsed next request to reach the plugin and the upstream
+        record = http1_exchange(port, [head("GET", "/read", [("x-framing-read", second_key)])])
+        upstream_paths = [r.path for r in paced_upstream.requests]
+        results.append((normalized_answers(raw), closed, upstream_paths, record.status))
     assert results[1] == results[0]
     assert results[0] == (
         [("HTTP/1.1 401 Unauthorized", ["connection: close", "content-length: 17", "content-type: text/plain",
                                         "x-framing-request-events: rqh:0,rsh:0"], b"denied by framing")],
         True,
         [],
+        404,  # no record: the second request was never parsed
     )  # fmt: skip
 
 
