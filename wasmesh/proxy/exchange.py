@@ -154,8 +154,10 @@ class ProxyExchange:
         self.cluster_name: str | None = None
         self.route_timeout_s = 0.0
         self.upstream_status = 0
-        self.held_body: bytes | None = None
-        self.held_request_body: bytes | None = None
+        # The body bytes of the current read, not yet handed to the chain (see request_body); a
+        # bytearray once a read brought more than one piece, so many small chunks join in linear time.
+        self.held_body: bytes | bytearray | None = None
+        self.held_request_body: bytes | bytearray | None = None
         self.replay: bytes | None = None
         self.retried = False
 
@@ -237,18 +239,17 @@ class ProxyExchange:
     def request_body(self, data: bytes) -> None:
         if self.done or self.fm is None:
             return
-        held = self.held_request_body
-        self.held_request_body = data if held is None else held + data
+        self.held_request_body = _hold(self.held_request_body, data)
 
     def request_batch_end(self) -> None:
         held, self.held_request_body = self.held_request_body, None
         if held is not None and not self.done and self.fm is not None:
-            self.fm.on_request_data(held, False)
+            self.fm.on_request_data(held if isinstance(held, bytes) else bytes(held), False)
 
     def request_complete(self, had_body: bool) -> None:
         held, self.held_request_body = self.held_request_body, None
         if held is not None and not self.done and self.fm is not None:
-            self.fm.on_request_data(held, False)
+            self.fm.on_request_data(held if isinstance(held, bytes) else bytes(held), False)
         # Complete only from the end frame on: a reply sent while the last bytes were still being
         # delivered (a 413 from the buffer limit) closes the connection, as under Envoy.
         self.request_received = True
@@ -410,13 +411,12 @@ class ProxyExchange:
         # Framed as request bodies are (see request_body): one frame per read, then an empty end.
         if self.done or self.fm is None:
             return
-        held = self.held_body
-        self.held_body = data if held is None else held + data
+        self.held_body = _hold(self.held_body, data)
 
     def on_response_batch_end(self) -> None:
         held, self.held_body = self.held_body, None
         if held is not None and not self.done and self.fm is not None:
-            self.fm.on_response_data(held, False)
+            self.fm.on_response_data(held if isinstance(held, bytes) else bytes(held), False)
 
     def on_response_complete(self) -> None:
         self._upstream_done(clean=True)
@@ -429,7 +429,7 @@ class ProxyExchange:
             self.fm.on_response_headers(held_headers, True)
         elif self.response_body_expected:
             if held is not None:
-                self.fm.on_response_data(held, False)
+                self.fm.on_response_data(held if isinstance(held, bytes) else bytes(held), False)
                 if self.done or self.fm is None:
                     return
             self.fm.on_response_data(b"", True)
@@ -607,6 +607,16 @@ class ProxyExchange:
             self.chain.release()
             self.chain = None
         self.conn.exchange_done(self, keep_alive and self.request_received)
+
+
+def _hold(held: bytes | bytearray | None, data: bytes) -> bytes | bytearray:
+    """``held`` with ``data`` appended: the first piece as is, later ones into one bytearray."""
+    if held is None:
+        return data
+    if type(held) is bytearray:
+        held += data
+        return held
+    return bytearray(held) + data
 
 
 def _status_of(headers: HeaderMap) -> int:
