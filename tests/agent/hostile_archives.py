@@ -168,11 +168,11 @@ def _solve_gf2(rows: list[tuple[int, int]]) -> int:
                 raise ValueError("no solution")
             continue
         bit = mask.bit_length() - 1
-        pivots = [
-            (b, m ^ mask, r ^ rhs) if (m >> bit) & 1 else (b, m, r) for b, m, r in pivots
-        ] + [(bit, mask, rhs)]
+        pivots = [(b, m ^ mask, r ^ rhs) if (m >> bit) & 1 else (b, m, r) for b, m, r in pivots] + [
+            (bit, mask, rhs)
+        ]
     solution = 0
-    for bit, mask, rhs in pivots:
+    for bit, _mask, rhs in pivots:
         if rhs:
             solution |= 1 << bit
     return solution

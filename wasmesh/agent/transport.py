@@ -43,9 +43,11 @@ class TransportError(Exception):
         timed_out: bool = False,
         tls_plain_http: bool = False,
         blocked: bool = False,
+        redirected_from: str = "",
     ) -> None:
         # Formatted like Go's *url.Error so messages read as Istio's: Get "<url>": <reason>
-        super().__init__(f'Get "{url}": {" ".join(reason.split())}')
+        via = f" (redirected from {redirected_from})" if redirected_from else ""
+        super().__init__(f'Get "{url}"{via}: {" ".join(reason.split())}')
         self.timed_out = timed_out
         # The address policy refused the destination: asking again (or over another scheme) cannot help.
         self.blocked = blocked
@@ -133,7 +135,6 @@ def resolve_checked(url: str, host: str, port: int, policy: AddressPolicy, redir
     A name with one refused address is refused whole: a name mixing allowed and metadata addresses is
     what a DNS-rebinding attacker serves, and connecting to "the other one" would hide it.
     """
-    via = f" (redirected from {redirected_from})" if redirected_from else ""
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
@@ -141,7 +142,9 @@ def resolve_checked(url: str, host: str, port: int, policy: AddressPolicy, redir
     if literal is not None:
         reason = policy.refusal(literal)
         if reason is not None:
-            raise TransportError(url, f"connection blocked{via}: {reason}", blocked=True)
+            raise TransportError(
+                url, f"connection blocked: {reason}", blocked=True, redirected_from=redirected_from
+            )
         return [str(literal)]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -150,7 +153,12 @@ def resolve_checked(url: str, host: str, port: int, policy: AddressPolicy, redir
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
     reason = policy.first_refusal(addresses)
     if reason is not None:
-        raise TransportError(url, f"connection blocked{via}: {host} resolved to {reason}", blocked=True)
+        raise TransportError(
+            url,
+            f"connection blocked: {host} resolved to {reason}",
+            blocked=True,
+            redirected_from=redirected_from,
+        )
     return addresses
 
 
