@@ -571,7 +571,10 @@ class Route:
     statuses: list[int] = field(default_factory=list)  # answered (in order) before the body is served
     delay_s: float = 0.0
     location: str = ""  # answer 302 with this Location instead of the body
-    trickle_s: float = 0.0  # send the response (status line to last byte) one byte per this many seconds
+    trickle_s: float = 0.0  # send the response one byte per this many seconds...
+    trickle_headers: bool = (
+        True  # ...from the status line (and 300 bytes of padding headers) on, or the body only
+    )
 
 
 class _IPv6HTTPServer(QuietHTTPServer):
@@ -615,9 +618,16 @@ class ModuleServer:
                     return
                 body = route.body if route is not None and status == 200 else b"failure"
                 if route is not None and route.trickle_s:
-                    head = f"HTTP/1.1 {status} OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                    for offset in range(len(head) + len(body)):
-                        self.wfile.write((head + body)[offset : offset + 1])
+                    head = f"HTTP/1.1 {status} OK\r\nContent-Length: {len(body)}\r\n".encode()
+                    if route.trickle_headers:
+                        head += b"X-Padding: " + b"p" * 300 + b"\r\n\r\n"
+                        trickled = head + body
+                    else:
+                        self.wfile.write(head + b"\r\n")
+                        self.wfile.flush()
+                        trickled = body
+                    for offset in range(len(trickled)):
+                        self.wfile.write(trickled[offset : offset + 1])
                         self.wfile.flush()
                         time.sleep(route.trickle_s)
                     return
@@ -645,9 +655,12 @@ class ModuleServer:
         delay_s: float = 0.0,
         location: str = "",
         trickle_s: float = 0.0,
+        trickle_headers: bool = True,
     ) -> str:
         with self._lock:
-            self.routes[path] = Route(body, list(statuses or []), delay_s, location, trickle_s)
+            self.routes[path] = Route(
+                body, list(statuses or []), delay_s, location, trickle_s, trickle_headers
+            )
             self.requests.pop(path, None)
         return self.url(path)
 
