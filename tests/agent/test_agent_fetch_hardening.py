@@ -31,6 +31,8 @@ from wasmesh.agent.ssrf import BLOCKED_CIDRS_ENV, AddressPolicy, parse_blocked_c
 from wasmesh.agent.unbox import MAX_ARCHIVE_LAYERS, unbox_if_possible
 from wasmesh.cli import build_parser, main
 from wasmesh.proxy.cli import build_xds_options
+from wasmesh.proxy.config import CacheConfig, PluginResource, parse_config
+from wasmesh.proxy.plugins import PluginChainError, WasmChainBuilder, parse_resources
 
 PushImage = Callable[..., str]
 LOOPBACK_V4_AND_V6 = "127.0.0.0/8,::1/128"
@@ -485,3 +487,51 @@ def test_pull_and_agent_take_the_allowed_file_dir_flag(
         ["agent", "--xds", "127.0.0.1:15010", "--allowed-file-dir", "/a", "--allowed-file-dir", "/b"]
     )
     assert build_options(args, {}).cache.allowed_file_dirs == (Path("/a"), Path("/b"))
+
+
+def test_proxy_takes_allowed_file_dirs_from_its_flag_and_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(
+        ["proxy", "--xds", "127.0.0.1:15010", "--node-id", "web-1", "--allowed-file-dir", "/srv/wasm"]
+    )
+    cache = build_xds_options(args, {}).proxy().builder.module_cache()
+    assert cache.options.allowed_file_dirs == (Path("/srv/wasm"),)
+    config = parse_config({"listeners": [], "cache": {"allowed_file_dirs": ["/srv/a", "/srv/b"]}})
+    assert config.cache.allowed_file_dirs == ("/srv/a", "/srv/b")
+    config_file = tmp_path / "proxy.yaml"
+    config_file.write_text("listeners: []\n")
+    assert main(["proxy", "--config", str(config_file), "--allowed-file-dir", "/srv/wasm"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: wasmesh proxy: --allowed-file-dir: only with --xds "
+        "(a --config file lists them in cache.allowed_file_dirs)"
+    )
+
+
+def test_proxy_config_mode_reads_file_plugins_only_from_allowed_dirs(tmp_path: Path) -> None:
+    """A proxy config's file:// plugins (read directly, bypassing the cache) obey allowed_file_dirs too."""
+    allowed = tmp_path / "modules"
+    allowed.mkdir()
+    inside, outside = allowed / "in.wasm", tmp_path / "out.wasm"
+    inside.write_bytes(tiny_wasm("proxy-in"))
+    outside.write_bytes(tiny_wasm("proxy-out"))
+    cache = CacheConfig(dir=str(tmp_path / "cache"), allowed_file_dirs=(str(allowed),))
+    builder = WasmChainBuilder(node={}, cache=cache, clusters=lambda: None)
+
+    def plugin(url: str) -> Any:
+        body = {
+            "apiVersion": "extensions.istio.io/v1alpha1",
+            "kind": "WasmPlugin",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"url": url},
+        }
+        (parsed,) = parse_resources([PluginResource(body=body, source="<inline>")])
+        return parsed
+
+    assert asyncio.run(builder.fetch_module(plugin(f"file://{inside}"))) == tiny_wasm("proxy-in")
+    with pytest.raises(PluginChainError) as caught:
+        asyncio.run(builder.fetch_module(plugin(f"file://{outside}")))
+    assert str(caught.value) == (
+        f"<inline>: plugin default.p: cannot fetch file://{outside}: file URL file://{outside}: {outside} is "
+        f"outside the allowed module directories ({allowed}; --allowed-file-dir)"
+    )
