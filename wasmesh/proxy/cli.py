@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from wasmesh.agent.options import add_insecure_registry_flag, insecure_registries_from
+from wasmesh.agent.options import (
+    add_allowed_file_dir_flag,
+    add_insecure_registry_flag,
+    insecure_registries_from,
+)
 from wasmesh.proxy.config import (
     ConfigContext,
     ConfigError,
@@ -200,6 +204,10 @@ def _proxy(args: argparse.Namespace) -> int:
         reason = "only with --xds (a --config file lists them in cache.insecure_registries)"
         print(f"error: wasmesh proxy: --insecure-registry: {reason}", file=sys.stderr)
         return 2
+    if args.allowed_file_dir:
+        reason = "only with --xds (a --config file lists them in cache.allowed_file_dirs)"
+        print(f"error: wasmesh proxy: --allowed-file-dir: {reason}", file=sys.stderr)
+        return 2
     return run_proxy(
         FileConfigSource(args.config), workers=args.workers, admin=args.admin, log_level=args.log_level
     )
@@ -291,6 +299,7 @@ def _xds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default="default", metavar="NS", help="this proxy's namespace")
     p.add_argument("--cache-dir", metavar="DIR", help="module cache for remote (http/oci) plugins")
     add_insecure_registry_flag(p)
+    add_allowed_file_dir_flag(p)
 
 
 def _proxy_xds(args: argparse.Namespace) -> int:
@@ -325,5 +334,6 @@ def build_xds_options(args: argparse.Namespace, env: Mapping[str, str]) -> XdsOp
         namespace=args.namespace,
         cache_dir=args.cache_dir,
         insecure_registries=tuple(sorted(insecure_registries_from(args.insecure_registry, env))),
+        allowed_file_dirs=tuple(args.allowed_file_dir),
         wasm_limits=wasm_limits_from_flags(args, "wasmesh proxy"),
     )
