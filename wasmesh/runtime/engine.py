@@ -468,6 +468,8 @@ class GuestFunc:
                 self._u32[4 * index] = value & _MASK32
             elif kind == "i64":
                 self._i64[2 * index] = value
+            elif kind == "f32":  # each value as its declared type: an f32 is read from the low 4 bytes
+                self._vals[index].f32 = float(value)
             else:
                 self._vals[index].f64 = float(value)
 
