@@ -93,9 +93,11 @@ def test_unloading_a_plugin_whose_vm_was_replaced_touches_no_other_root(runtime:
     _, _ = serve(first, trap=True)
     updated = runtime.load_plugin(shared("first", "first", b"4444"))
     assert updated.root is not None and first.root is not None
-    first.root = stale_root  # the root as an older runtime left it: one of the closed VM
+    assert stale_root.id in updated.vm.contexts  # the same id names another root on the fresh VM
+    contexts_before = dict(updated.vm.contexts)
+    first.root = stale_root  # as if "first" had not moved: its root is one of the closed VM
     runtime.unload_plugin(first)
-    assert updated.vm.failure is None and updated.root.id in updated.vm.contexts
+    assert updated.vm.failure is None and updated.vm.contexts == contexts_before
     assert_serves_from_its_own_root(updated)
 
 
