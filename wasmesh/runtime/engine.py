@@ -162,9 +162,23 @@ class GuestFailure(WasmError):
     ``reason`` is one of "trap", "deadline", "memory_limit", "host_error".
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, function: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.detail = message
+        # The export the host called when this happened, as cpp-host logs it
+        # ("Function: proxy_on_request_headers failed: ..."); None until the VM layer names it.
+        self.function = function
+
+    def name_function(self, function: str) -> None:
+        """Name the export that failed; the innermost export the host called keeps its name."""
+        if self.function is None:
+            self.function = function
+
+    def __str__(self) -> str:
+        if self.function is None:
+            return self.detail
+        return f"Function: {self.function} failed: {self.detail}"
 
 
 class ProcExit(WasmError):

@@ -198,11 +198,13 @@ class PluginVm:
         self.instance.deadline_ms = self.startup_deadline_ms
         initialize = self.instance.func("_initialize")
         previous = self.instance.restrict(self._startup_hostcalls, "module initialisation")
+        entry = "_initialize" if initialize is not None else "_start"
         try:
             if initialize is not None:
                 initialize()
                 main = self.instance.func("main")
                 if main is not None:
+                    entry = "main"
                     main(0, 0)
             else:
                 start = self.instance.func("_start")
@@ -210,7 +212,10 @@ class PluginVm:
                     start()
         except ProcExit as exc:
             if exc.code != 0:
-                raise GuestFailure("trap", f"initialisation exited with code {exc.code}") from None
+                raise GuestFailure("trap", f"initialisation exited with code {exc.code}", entry) from None
+        except GuestFailure as exc:
+            exc.name_function(entry)
+            raise
         finally:
             self.instance.restrict(*previous)
         self.instance.deadline_ms = self.callback_deadline_ms
@@ -354,9 +359,10 @@ class PluginVm:
         try:
             result = fn(*args)
         except ProcExit as exc:
-            self._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {fn.name}"))
+            self._fail(GuestFailure("trap", f"proc_exit({exc.code})", fn.name))
             raise self.failure from None  # type: ignore[misc]
         except GuestFailure as exc:
+            exc.name_function(fn.name)
             self._fail(exc)
             raise
         finally:
