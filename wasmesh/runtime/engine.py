@@ -533,7 +533,7 @@ class WasmInstance:
         self.crossing = engine.crossing
         self.compiled = compiled
         self.memory_limit_bytes = memory_limit_bytes
-        self._store = wasmtime.Store(engine.engine)
+        self._store: wasmtime.Store | None = wasmtime.Store(engine.engine)
         self._store.set_limits(memory_size=memory_limit_bytes)
         self._ctx = self._store._context()
         self._ctx_p = _VOID_P(ctypes.cast(self._ctx, ctypes.c_void_p).value)
@@ -582,12 +582,13 @@ class WasmInstance:
             # A module's `start` function (AssemblyScript has one) runs inside instantiate:
             # arm the startup deadline first, or the store's zero deadline interrupts it at once.
             raw.wasmtime_context_set_epoch_deadline(self._ctx, self._deadline_ticks)
-            self._instance = linker.instantiate(self._store, compiled.module)
+            instance = linker.instantiate(self._store, compiled.module)
         except wasmtime.Trap as exc:
             raise GuestFailure("trap", f"start function trapped: {_first_line(exc.message)}") from None
         except wasmtime.WasmtimeError as exc:
             raise ModuleLoadError(f"cannot instantiate module: {_first_line(str(exc))}") from None
-        exports = self._instance.exports(self._store)
+        self._instance: wasmtime.Instance | None = instance
+        exports = instance.exports(self._store)
         for name, export_sig in compiled.exports.items():
             ext = exports.get(name) if hasattr(exports, "get") else None
             if isinstance(ext, wasmtime.Func) and export_sig is not None:
@@ -831,9 +832,29 @@ class WasmInstance:
         return None if view is None else int(_unpack_u32(view, ptr)[0])
 
     def close(self) -> None:
+        """Free the store now (its linear memory with it), not when the last Python reference goes.
+
+        Callers may still hold GuestFuncs (a filter's resolved exports, the VM's allocator) or
+        this instance: each closed GuestFunc raises instead of calling into the freed store, no
+        deadline is armed on it again, and memory accesses find no memory.
+        """
+        if self._store is None:
+            return
+        for fn in self.functions.values():
+            fn._call_raw = _closed_call
         self.functions.clear()
         self._keepalive.clear()
+        self._depth = 1  # as if inside a call forever: the freed store's deadline is never re-armed
         self._view = None  # it points into the store's memory
+        self._mem = self._mem_p = None
+        self._mem_base = self._mem_size = 0
+        self._instance = None
+        store, self._store = self._store, None
+        store.close()
+
+
+def _closed_call(*_raw: Any) -> int:
+    raise GuestFailure("trap", "called after its VM was closed")
 
 
 @dataclass

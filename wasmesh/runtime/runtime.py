@@ -229,7 +229,14 @@ class Runtime:
         return None
 
     def report_failure(self, vm: PluginVm, failure: GuestFailure) -> None:
-        """Count and log a VM failure once per healthy→failed transition."""
+        """Count and log a VM failure once per healthy→failed transition, and free the failed VM.
+
+        A failed VM is never called again (every path checks ``vm.failure`` first), so its store
+        and linear memory are freed now rather than when it is replaced: a plugin that keeps
+        filling its memory and trapping holds at most one VM's memory, whatever its policy.
+        """
+        if vm.failure is not None and not vm.closed and vm.idle:
+            vm.close()
         slot = self._slot_of(vm)
         if slot is None or slot.failure_reported:
             return

@@ -475,6 +475,11 @@ class PluginVm:
             self.http_call_response = None
 
     # -- teardown -----------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No guest call of this VM is on the stack (closing it now frees nothing still in use)."""
+        return self._current is None and self.instance._depth == 0
+
     def close(self) -> None:
         if self.closed:
             return
