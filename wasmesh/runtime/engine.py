@@ -224,6 +224,22 @@ def sig(params: str = "", results: str = "") -> FuncSig:
 HostImpl = Callable[..., int | None]
 
 
+def traced_host_impl(where: str, impl: HostImpl, log: Callable[[str], None]) -> HostImpl:
+    """``impl`` logging each call with its arguments and its result (cpp-host's trace lines)."""
+
+    def traced(*args: Any) -> int | None:
+        log(f"[vm->host] {where}({', '.join(map(str, args))})")
+        try:
+            result = impl(*args)
+        except BaseException as exc:
+            log(f"[vm<-host] {where} failed: {type(exc).__name__}: {exc}")
+            raise
+        log(f"[vm<-host] {where} return: {'void' if result is None else result}")
+        return result
+
+    return traced
+
+
 @dataclass(frozen=True)
 class HostFunc:
     """An import the host provides: i32 params arrive masked to u32, i64 params signed."""
@@ -474,6 +490,35 @@ class GuestFunc:
     @property
     def arity(self) -> int:
         return len(self.signature.params)
+
+    def trace_calls(self, log: Callable[[str], None]) -> None:
+        """Log each call of this export with its arguments and its result (cpp-host's trace lines).
+
+        The tracing wraps the raw crossing itself, so both call paths (``__call__`` and the filter's
+        written-out copy of it) trace, and a GuestFunc whose calls are not traced runs exactly the
+        untraced crossing: tracing off costs nothing.
+        """
+        name = self.name
+        untraced = self._call_raw
+        view = self._vals_view
+        unpack_args = struct.Struct("<" + "".join(_SLOT_FORMAT[k] for k in self.signature.params)).unpack_from
+        unpack_result = (
+            struct.Struct("<" + _SLOT_FORMAT[self._result]).unpack_from if self._result is not None else None
+        )
+        trap = self._inst._trap
+
+        def traced(*raw_args: Any) -> int | None:
+            log(f"[host->vm] {name}({', '.join(map(str, unpack_args(view)))})")
+            error = untraced(*raw_args)
+            if error or trap.value:
+                log(f"[host<-vm] {name} failed")
+            elif unpack_result is None:
+                log(f"[host<-vm] {name} return: void")
+            else:
+                log(f"[host<-vm] {name} return: {unpack_result(view)[0]}")
+            return error
+
+        self._call_raw = traced
 
     def _set_args(self, args: tuple[int, ...]) -> None:
         for index, kind in enumerate(self.signature.params):
