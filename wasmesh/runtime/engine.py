@@ -42,6 +42,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -303,25 +304,88 @@ class EpochClock:
         self.now = 0
 
 
-class _EpochTicker:
-    """Bumps an engine's epoch at a fixed period from a daemon thread.
+# A guest whose thread is descheduled still fails after this many times its deadline in wall-clock
+# time (the backstop when its thread's CPU clock is not read, e.g. a guest called from a thread the
+# engine was never told about, or a platform without per-thread CPU clocks).
+WALL_CLOCK_BACKSTOP = 10
 
-    Guest code runs inside ctypes calls, which release the GIL, so this thread keeps
-    ticking while a guest loops forever.
+
+def _thread_cpu_clock(ident: int) -> int | None:
+    """The CPU-time clock of thread ``ident`` (Linux: pthread_getcpuclockid), None where unavailable."""
+    getcpuclockid = getattr(time, "pthread_getcpuclockid", None)
+    if getcpuclockid is None:
+        return None
+    try:
+        return int(getcpuclockid(ident))
+    except (OSError, OverflowError):
+        return None
+
+
+class _EpochTicker:
+    """Advances an engine's epoch by the CPU time its guest threads use, from a daemon thread.
+
+    Deadlines are CPU time, as documented: every ``period_s`` of wall-clock time the ticker reads the
+    CPU clock of each thread that runs guests (``add_guest_thread``) and bumps the epoch once per
+    ``period_s`` of CPU time the busiest of them used. A thread that waits for the CPU on a loaded
+    machine uses none, so its guest is not failed early. As a backstop, the epoch also moves at least
+    once every ``WALL_CLOCK_BACKSTOP`` periods of wall-clock time. Guest code runs inside calls that
+    release the GIL, so this thread keeps reading while a guest loops forever.
     """
 
     def __init__(self, engine: wasmtime.Engine, clock: EpochClock, period_s: float) -> None:
         self._engine = engine
         self._clock = clock
         self._period_s = period_s
+        self._lock = threading.Lock()
+        self._threads: dict[int, tuple[int, float]] = {}  # ident -> (cpu clock id, CPU time last read)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wasmesh-epoch", daemon=True)
         self._thread.start()
 
+    def add_guest_thread(self, ident: int) -> bool:
+        """Count thread ``ident``'s CPU time from now on; False if its CPU clock cannot be read."""
+        with self._lock:
+            if ident in self._threads:
+                return True
+            cpu_clock = _thread_cpu_clock(ident)
+            if cpu_clock is None:
+                return False
+            try:
+                self._threads[ident] = (cpu_clock, time.clock_gettime(cpu_clock))
+            except OSError:
+                return False
+            return True
+
+    def _cpu_used(self) -> float:
+        """The most CPU time any guest thread used since the last read (dead threads are dropped)."""
+        used = 0.0
+        with self._lock:
+            for ident, (cpu_clock, last) in list(self._threads.items()):
+                try:
+                    now = time.clock_gettime(cpu_clock)
+                except OSError:  # the thread ended
+                    del self._threads[ident]
+                    continue
+                self._threads[ident] = (cpu_clock, now)
+                used = max(used, now - last)
+        return used
+
     def _run(self) -> None:
+        cpu_credit = 0.0
+        wall_credit = 0.0
         while not self._stop.wait(self._period_s):
-            self._clock.now += 1
-            self._engine.increment_epoch()
+            cpu_credit += self._cpu_used()
+            wall_credit += 1
+            ticks = int(cpu_credit / self._period_s)
+            if ticks == 0 and wall_credit >= WALL_CLOCK_BACKSTOP:
+                ticks = 1
+            if ticks:
+                cpu_credit -= ticks * self._period_s
+                cpu_credit = max(cpu_credit, 0.0)
+                wall_credit = 0
+            for _ in range(ticks):
+                self._clock.now += 1
+                self._engine.increment_epoch()
 
     def stop(self) -> None:
         self._stop.set()
@@ -356,6 +420,13 @@ class WasmEngine:
         self._lock = threading.Lock()
         self.clock = EpochClock()
         self._ticker: _EpochTicker | None = _EpochTicker(self.engine, self.clock, epoch_tick_s)
+
+    def add_guest_thread(self, ident: int | None = None) -> bool:
+        """Measure deadlines in thread ``ident``'s CPU time (default: the calling thread); False where
+        the platform has no per-thread CPU clock (deadlines are then wall-clock time x the backstop)."""
+        ticker = self._ticker
+        thread = threading.get_ident() if ident is None else ident
+        return ticker is not None and ticker.add_guest_thread(thread)
 
     def deadline_ticks(self, deadline_ms: int) -> int:
         # +1: the current epoch period may be about to end (and a lazily armed
@@ -578,6 +649,9 @@ class WasmInstance:
         self.crossing = engine.crossing
         self.compiled = compiled
         self.memory_limit_bytes = memory_limit_bytes
+        # The thread that creates an instance is the one that calls it (a worker's event loop, a
+        # harness's test thread): its CPU time is what the deadlines count.
+        engine.add_guest_thread()
         self._store: wasmtime.Store | None = wasmtime.Store(engine.engine)
         self._store.set_limits(memory_size=memory_limit_bytes)
         self._ctx = self._store._context()
