@@ -22,7 +22,9 @@ sha256, the wasmtime version and this engine's configuration), so a multi-MB Go
 plugin starts in tens of milliseconds after its first compile.
 
 CPU time per guest call is bounded with epoch interruption: a daemon thread bumps
-the engine epoch every ``epoch_tick_s`` and each outermost guest call runs under a
+the engine epoch once per ``epoch_tick_s`` of CPU time used by the threads that run
+guests (``_EpochTicker``; at least once per ``WALL_CLOCK_BACKSTOP`` periods of
+wall-clock time), and each outermost guest call runs under a
 deadline armed in the current epoch period (re-armed only when the period changed,
 which gives the same bound as arming every call). Memory is bounded per store with
 ``Store.set_limits``.
