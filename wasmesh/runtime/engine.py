@@ -22,7 +22,9 @@ sha256, the wasmtime version and this engine's configuration), so a multi-MB Go
 plugin starts in tens of milliseconds after its first compile.
 
 CPU time per guest call is bounded with epoch interruption: a daemon thread bumps
-the engine epoch every ``epoch_tick_s`` and each outermost guest call runs under a
+the engine epoch once per ``epoch_tick_s`` of CPU time used by the threads that run
+guests (``_EpochTicker``; at least once per ``WALL_CLOCK_BACKSTOP`` periods of
+wall-clock time), and each outermost guest call runs under a
 deadline armed in the current epoch period (re-armed only when the period changed,
 which gives the same bound as arming every call). Memory is bounded per store with
 ``Store.set_limits``.
@@ -42,6 +44,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -162,9 +165,23 @@ class GuestFailure(WasmError):
     ``reason`` is one of "trap", "deadline", "memory_limit", "host_error".
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, function: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.detail = message
+        # The export the host called when this happened, as cpp-host logs it
+        # ("Function: proxy_on_request_headers failed: ..."); None until the VM layer names it.
+        self.function = function
+
+    def name_function(self, function: str) -> None:
+        """Name the export that failed; the innermost export the host called keeps its name."""
+        if self.function is None:
+            self.function = function
+
+    def __str__(self) -> str:
+        if self.function is None:
+            return self.detail
+        return f"Function: {self.function} failed: {self.detail}"
 
 
 class ProcExit(WasmError):
@@ -208,6 +225,22 @@ def sig(params: str = "", results: str = "") -> FuncSig:
 
 
 HostImpl = Callable[..., int | None]
+
+
+def traced_host_impl(where: str, impl: HostImpl, log: Callable[[str], None]) -> HostImpl:
+    """``impl`` logging each call with its arguments and its result (cpp-host's trace lines)."""
+
+    def traced(*args: Any) -> int | None:
+        log(f"[vm->host] {where}({', '.join(map(str, args))})")
+        try:
+            result = impl(*args)
+        except BaseException as exc:
+            log(f"[vm<-host] {where} failed: {type(exc).__name__}: {exc}")
+            raise
+        log(f"[vm<-host] {where} return: {'void' if result is None else result}")
+        return result
+
+    return traced
 
 
 @dataclass(frozen=True)
@@ -273,25 +306,88 @@ class EpochClock:
         self.now = 0
 
 
-class _EpochTicker:
-    """Bumps an engine's epoch at a fixed period from a daemon thread.
+# A guest whose thread is descheduled still fails after this many times its deadline in wall-clock
+# time (the backstop when its thread's CPU clock is not read, e.g. a guest called from a thread the
+# engine was never told about, or a platform without per-thread CPU clocks).
+WALL_CLOCK_BACKSTOP = 10
 
-    Guest code runs inside ctypes calls, which release the GIL, so this thread keeps
-    ticking while a guest loops forever.
+
+def _thread_cpu_clock(ident: int) -> int | None:
+    """The CPU-time clock of thread ``ident`` (Linux: pthread_getcpuclockid), None where unavailable."""
+    getcpuclockid = getattr(time, "pthread_getcpuclockid", None)
+    if getcpuclockid is None:
+        return None
+    try:
+        return int(getcpuclockid(ident))
+    except (OSError, OverflowError):
+        return None
+
+
+class _EpochTicker:
+    """Advances an engine's epoch by the CPU time its guest threads use, from a daemon thread.
+
+    Deadlines are CPU time, as documented: every ``period_s`` of wall-clock time the ticker reads the
+    CPU clock of each thread that runs guests (``add_guest_thread``) and bumps the epoch once per
+    ``period_s`` of CPU time the busiest of them used. A thread that waits for the CPU on a loaded
+    machine uses none, so its guest is not failed early. As a backstop, the epoch also moves at least
+    once every ``WALL_CLOCK_BACKSTOP`` periods of wall-clock time. Guest code runs inside calls that
+    release the GIL, so this thread keeps reading while a guest loops forever.
     """
 
     def __init__(self, engine: wasmtime.Engine, clock: EpochClock, period_s: float) -> None:
         self._engine = engine
         self._clock = clock
         self._period_s = period_s
+        self._lock = threading.Lock()
+        self._threads: dict[int, tuple[int, float]] = {}  # ident -> (cpu clock id, CPU time last read)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wasmesh-epoch", daemon=True)
         self._thread.start()
 
+    def add_guest_thread(self, ident: int) -> bool:
+        """Count thread ``ident``'s CPU time from now on; False if its CPU clock cannot be read."""
+        with self._lock:
+            if ident in self._threads:
+                return True
+            cpu_clock = _thread_cpu_clock(ident)
+            if cpu_clock is None:
+                return False
+            try:
+                self._threads[ident] = (cpu_clock, time.clock_gettime(cpu_clock))
+            except OSError:
+                return False
+            return True
+
+    def _cpu_used(self) -> float:
+        """The most CPU time any guest thread used since the last read (dead threads are dropped)."""
+        used = 0.0
+        with self._lock:
+            for ident, (cpu_clock, last) in list(self._threads.items()):
+                try:
+                    now = time.clock_gettime(cpu_clock)
+                except OSError:  # the thread ended
+                    del self._threads[ident]
+                    continue
+                self._threads[ident] = (cpu_clock, now)
+                used = max(used, now - last)
+        return used
+
     def _run(self) -> None:
+        cpu_credit = 0.0
+        wall_credit = 0.0
         while not self._stop.wait(self._period_s):
-            self._clock.now += 1
-            self._engine.increment_epoch()
+            cpu_credit += self._cpu_used()
+            wall_credit += 1
+            ticks = int(cpu_credit / self._period_s)
+            if ticks == 0 and wall_credit >= WALL_CLOCK_BACKSTOP:
+                ticks = 1
+            if ticks:
+                cpu_credit -= ticks * self._period_s
+                cpu_credit = max(cpu_credit, 0.0)
+                wall_credit = 0
+            for _ in range(ticks):
+                self._clock.now += 1
+                self._engine.increment_epoch()
 
     def stop(self) -> None:
         self._stop.set()
@@ -326,6 +422,13 @@ class WasmEngine:
         self._lock = threading.Lock()
         self.clock = EpochClock()
         self._ticker: _EpochTicker | None = _EpochTicker(self.engine, self.clock, epoch_tick_s)
+
+    def add_guest_thread(self, ident: int | None = None) -> bool:
+        """Measure deadlines in thread ``ident``'s CPU time (default: the calling thread); False where
+        the platform has no per-thread CPU clock (deadlines are then wall-clock time x the backstop)."""
+        ticker = self._ticker
+        thread = threading.get_ident() if ident is None else ident
+        return ticker is not None and ticker.add_guest_thread(thread)
 
     def deadline_ticks(self, deadline_ms: int) -> int:
         # +1: the current epoch period may be about to end (and a lazily armed
@@ -461,6 +564,35 @@ class GuestFunc:
     def arity(self) -> int:
         return len(self.signature.params)
 
+    def trace_calls(self, log: Callable[[str], None]) -> None:
+        """Log each call of this export with its arguments and its result (cpp-host's trace lines).
+
+        The tracing wraps the raw crossing itself, so both call paths (``__call__`` and the filter's
+        written-out copy of it) trace, and a GuestFunc whose calls are not traced runs exactly the
+        untraced crossing: tracing off costs nothing.
+        """
+        name = self.name
+        untraced = self._call_raw
+        view = self._vals_view
+        unpack_args = struct.Struct("<" + "".join(_SLOT_FORMAT[k] for k in self.signature.params)).unpack_from
+        unpack_result = (
+            struct.Struct("<" + _SLOT_FORMAT[self._result]).unpack_from if self._result is not None else None
+        )
+        trap = self._inst._trap
+
+        def traced(*raw_args: Any) -> int | None:
+            log(f"[host->vm] {name}({', '.join(map(str, unpack_args(view)))})")
+            error = untraced(*raw_args)
+            if error or trap.value:
+                log(f"[host<-vm] {name} failed")
+            elif unpack_result is None:
+                log(f"[host<-vm] {name} return: void")
+            else:
+                log(f"[host<-vm] {name} return: {unpack_result(view)[0]}")
+            return error
+
+        self._call_raw = traced
+
     def _set_args(self, args: tuple[int, ...]) -> None:
         for index, kind in enumerate(self.signature.params):
             value = args[index] if index < len(args) else 0
@@ -468,6 +600,8 @@ class GuestFunc:
                 self._u32[4 * index] = value & _MASK32
             elif kind == "i64":
                 self._i64[2 * index] = value
+            elif kind == "f32":  # each value as its declared type: an f32 is read from the low 4 bytes
+                self._vals[index].f32 = float(value)
             else:
                 self._vals[index].f64 = float(value)
 
@@ -517,7 +651,10 @@ class WasmInstance:
         self.crossing = engine.crossing
         self.compiled = compiled
         self.memory_limit_bytes = memory_limit_bytes
-        self._store = wasmtime.Store(engine.engine)
+        # The thread that creates an instance is the one that calls it (a worker's event loop, a
+        # harness's test thread): its CPU time is what the deadlines count.
+        engine.add_guest_thread()
+        self._store: wasmtime.Store | None = wasmtime.Store(engine.engine)
         self._store.set_limits(memory_size=memory_limit_bytes)
         self._ctx = self._store._context()
         self._ctx_p = _VOID_P(ctypes.cast(self._ctx, ctypes.c_void_p).value)
@@ -566,12 +703,13 @@ class WasmInstance:
             # A module's `start` function (AssemblyScript has one) runs inside instantiate:
             # arm the startup deadline first, or the store's zero deadline interrupts it at once.
             raw.wasmtime_context_set_epoch_deadline(self._ctx, self._deadline_ticks)
-            self._instance = linker.instantiate(self._store, compiled.module)
+            instance = linker.instantiate(self._store, compiled.module)
         except wasmtime.Trap as exc:
             raise GuestFailure("trap", f"start function trapped: {_first_line(exc.message)}") from None
         except wasmtime.WasmtimeError as exc:
             raise ModuleLoadError(f"cannot instantiate module: {_first_line(str(exc))}") from None
-        exports = self._instance.exports(self._store)
+        self._instance: wasmtime.Instance | None = instance
+        exports = instance.exports(self._store)
         for name, export_sig in compiled.exports.items():
             ext = exports.get(name) if hasattr(exports, "get") else None
             if isinstance(ext, wasmtime.Func) and export_sig is not None:
@@ -815,9 +953,29 @@ class WasmInstance:
         return None if view is None else int(_unpack_u32(view, ptr)[0])
 
     def close(self) -> None:
+        """Free the store now (its linear memory with it), not when the last Python reference goes.
+
+        Callers may still hold GuestFuncs (a filter's resolved exports, the VM's allocator) or
+        this instance: each closed GuestFunc raises instead of calling into the freed store, no
+        deadline is armed on it again, and memory accesses find no memory.
+        """
+        if self._store is None:
+            return
+        for fn in self.functions.values():
+            fn._call_raw = _closed_call
         self.functions.clear()
         self._keepalive.clear()
+        self._depth = 1  # as if inside a call forever: the freed store's deadline is never re-armed
         self._view = None  # it points into the store's memory
+        self._mem = self._mem_p = None
+        self._mem_base = self._mem_size = 0
+        self._instance = None
+        store, self._store = self._store, None
+        store.close()
+
+
+def _closed_call(*_raw: Any) -> int:
+    raise GuestFailure("trap", "called after its VM was closed")
 
 
 @dataclass

@@ -204,9 +204,10 @@ class WasmHttpFilter(StreamContext):
                 # Stream callbacks return i32 or nothing.
                 result = fn._result_i32[0] if fn._returns_i32 else 0
             except ProcExit as exc:
-                vm._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {fn.name}"))
+                vm._fail(GuestFailure("trap", f"proc_exit({exc.code})", fn.name))
                 raise vm.failure from None  # type: ignore[misc]
             except GuestFailure as exc:
+                exc.name_function(fn.name)
                 vm._fail(exc)
                 raise
             finally:

@@ -24,6 +24,14 @@ plugin_logger = logging.getLogger("wasmesh.plugin")
 FAILURES_METRIC = "wasmesh_plugin_failures_total"
 RELOADS_METRIC = "wasmesh_plugin_reloads_total"
 
+# A reloaded VM that serves this many maximum backoffs without failing is healthy again: the next
+# failure reloads after the base backoff, not the maximum (Envoy resets its ReloadConfig backoff on
+# a healthy VM too).
+HEALTHY_RESET_PERIODS = 3
+# FAIL_RELOAD waits double from the base backoff up to this many times it (Envoy's ReloadConfig
+# default max_interval is 10x its base_interval).
+MAX_BACKOFF_FACTOR = 10
+
 _PY_LEVELS = {
     0: 5, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.CRITICAL,
 }
@@ -56,8 +64,10 @@ class VmSlot:
     vm: PluginVm
     plugins: list[WasmPlugin] = field(default_factory=list)
     failure_reported: bool = False
-    reload_attempts: int = 0
+    reload_attempts: int = 0  # FAIL_RELOAD reloads since the VM was last healthy for HEALTHY_RESET_PERIODS
     next_reload_at: float = 0.0
+    healthy_since: float = 0.0  # when the current VM started serving (clock time)
+    failed_at: float | None = None  # when the current VM failed; None while it is healthy
 
 
 class Runtime:
@@ -74,7 +84,9 @@ class Runtime:
         reload_backoff_s: float = 1.0,
         epoch_tick_s: float = 0.05,
         crossing: Crossing | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # FAIL_RELOAD backoff and health periods; tests pass a manual clock
         self.engine = WasmEngine(compile_cache_dir, epoch_tick_s=epoch_tick_s, crossing=crossing)
         self.metrics = MetricsRegistry()
         self.shared_data: SharedData = PROCESS_SHARED_DATA
@@ -152,24 +164,41 @@ class Runtime:
 
         key = self._vm_key(spec, hashlib.sha256(spec.module).hexdigest())
         slot = self._slots.get(key)
-        created = False
-        if slot is None or slot.vm.failure is not None:
+        if slot is None:
             vm = self._new_vm(spec)
-            if slot is None:
-                slot = VmSlot(key, spec, vm)
-                created = True
-            else:
-                self._replace_vm(slot, vm)
-        plugin = WasmPlugin(self, spec, slot)
-        try:
+            slot = VmSlot(key, spec, vm, healthy_since=self.clock())
+            plugin = WasmPlugin(self, spec, slot)
+            try:
+                self._start_plugin(plugin, vm)
+            except PluginLoadError:
+                vm.close()
+                raise
+            self._slots[key] = slot
+        elif slot.vm.failure is not None:
+            # A new config for a failed shared VM: every plugin on it moves to the fresh VM,
+            # not only the new one (the others would keep root contexts of the closed VM).
+            plugin = WasmPlugin(self, spec, slot)
+            self._restart_slot(slot, [*slot.plugins, plugin])
+        else:
+            plugin = WasmPlugin(self, spec, slot)
             self._start_plugin(plugin, slot.vm)
-        except PluginLoadError:
-            if created:
-                slot.vm.close()
-            raise
         slot.plugins.append(plugin)
-        self._slots[key] = slot
         return plugin
+
+    def _restart_slot(self, slot: VmSlot, plugins: list[WasmPlugin]) -> None:
+        """Replace the slot's failed VM by a fresh one on which every plugin in ``plugins`` has its
+        own new root context; all or nothing: on a PluginLoadError the failed VM stays."""
+        vm = self._new_vm(slot.spec)
+        previous_roots = [plugin.root for plugin in plugins]
+        try:
+            for plugin in plugins:
+                self._start_plugin(plugin, vm)
+        except PluginLoadError:
+            for plugin, root in zip(plugins, previous_roots, strict=True):
+                plugin.root = root
+            vm.close()
+            raise
+        self._replace_vm(slot, vm)
 
     def unload_plugin(self, factory: WasmPlugin) -> None:
         """Root on_done/on_delete; the VM is freed once no plugin uses it."""
@@ -177,9 +206,12 @@ class Runtime:
             return
         factory.unloaded = True
         slot = factory.slot
-        if factory.root is not None:
+        root = factory.root
+        # Only this plugin's own root, on the VM it lives on: a root of a VM since replaced is gone
+        # with that VM (its id may be another plugin's on the new one).
+        if root is not None and root.vm is slot.vm and not slot.vm.closed:
             try:
-                slot.vm.shutdown_root(factory.root)
+                slot.vm.shutdown_root(root)
             except GuestFailure as exc:
                 self.report_failure(slot.vm, exc)
         if factory in slot.plugins:
@@ -197,11 +229,19 @@ class Runtime:
         return None
 
     def report_failure(self, vm: PluginVm, failure: GuestFailure) -> None:
-        """Count and log a VM failure once per healthy→failed transition."""
+        """Count and log a VM failure once per healthy→failed transition, and free the failed VM.
+
+        A failed VM is never called again (every path checks ``vm.failure`` first), so its store
+        and linear memory are freed now rather than when it is replaced: a plugin that keeps
+        filling its memory and trapping holds at most one VM's memory, whatever its policy.
+        """
+        if vm.failure is not None and not vm.closed and vm.idle:
+            vm.close()
         slot = self._slot_of(vm)
         if slot is None or slot.failure_reported:
             return
         slot.failure_reported = True
+        slot.failed_at = self.clock()
         names = [p.name for p in slot.plugins] or [vm.label]
         for name in names:
             self.metrics.inc_host_counter(
@@ -216,30 +256,38 @@ class Runtime:
         old = slot.vm
         slot.vm = vm
         slot.failure_reported = False
+        slot.failed_at = None
+        slot.healthy_since = self.clock()
         old.close()
 
     def try_reload(self, slot: VmSlot) -> bool:
         """FAIL_RELOAD: start a fresh VM (with backoff like Envoy's ReloadConfig); True if healthy."""
         if slot.vm.failure is None:
             return True
-        now = time.monotonic()
+        now = self.clock()
         if now < slot.next_reload_at:
             return False
+        max_backoff = MAX_BACKOFF_FACTOR * self.reload_backoff_s
+        failed_at = slot.failed_at if slot.failed_at is not None else now
+        if failed_at - slot.healthy_since >= HEALTHY_RESET_PERIODS * max_backoff:
+            slot.reload_attempts = 0  # the VM was healthy long enough: this is a new run of failures
         slot.reload_attempts += 1
-        backoff = min(self.reload_backoff_s * (2 ** (slot.reload_attempts - 1)), 10 * self.reload_backoff_s)
-        slot.next_reload_at = now + backoff
+        slot.next_reload_at = now + self.reload_backoff(slot.reload_attempts)
         try:
-            vm = self._new_vm(slot.spec)
-            for plugin in slot.plugins:
-                self._start_plugin(plugin, vm)
+            self._restart_slot(slot, list(slot.plugins))
         except PluginLoadError as exc:
             logger.error("reload failed: %s", exc)
             return False
-        self._replace_vm(slot, vm)
         for plugin in slot.plugins:
             self.metrics.inc_host_counter(RELOADS_METRIC, {"plugin": plugin.name}, "Plugin VM reloads")
         logger.warning("plugin %s: VM reloaded", ",".join(p.name for p in slot.plugins))
         return True
+
+    def reload_backoff(self, attempt: int) -> float:
+        """The wait after the ``attempt``-th reload in a row: the base backoff doubling, at most
+        MAX_BACKOFF_FACTOR times it (the exponent is capped first, so no attempt count overflows)."""
+        doublings = min(max(attempt - 1, 0), MAX_BACKOFF_FACTOR.bit_length())
+        return min(self.reload_backoff_s * (1 << doublings), MAX_BACKOFF_FACTOR * self.reload_backoff_s)
 
     # -- teardown -----------------------------------------------------------------------
     def close(self) -> None:

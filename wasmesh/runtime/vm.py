@@ -9,6 +9,7 @@ A trap marks the VM failed; the plugin layer turns that into the failure policy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from wasmesh.runtime.engine import (
     ProcExit,
     WasmEngine,
     WasmInstance,
+    traced_host_impl,
 )
 from wasmesh.runtime.hostcalls import HostCalls, deliver_pairs_count
 from wasmesh.runtime.metrics import MetricsRegistry
@@ -39,6 +41,7 @@ from wasmesh.runtime.shared import SharedData, SharedQueues
 from wasmesh.runtime.wasi import WasiHost
 
 logger = logging.getLogger("wasmesh.runtime")
+TRACE = 5  # the "trace" level of wasmesh's loggers (wasmesh.proxy.admin.LOG_LEVELS)
 
 
 class TimerHandle(Protocol):
@@ -169,8 +172,14 @@ class PluginVm:
         self._vm_context = RootContext(self, 0, PluginIdentity(label, "", vm_id, b"", vm_config))
         self.hostcalls = HostCalls(self)
         wasi = WasiHost(lambda: self.instance, env, self.log)
+        # Trace lines for every call between host and VM, when the runtime logger is at trace level
+        # as the VM is created: decided here, so that a VM without tracing runs the untraced path.
+        self.traced = logger.isEnabledFor(TRACE)
         funcs: dict[tuple[str, str], HostFunc] = {}
         for host in [*self.hostcalls.host_funcs(), *wasi.host_funcs()]:
+            if self.traced:
+                where = f"{host.module}.{host.name}"
+                host = dataclasses.replace(host, impl=traced_host_impl(where, host.impl, self._trace))
             funcs[(host.module, host.name)] = host
         # During initialisation cpp-host allows proxy_log and a list of WASI calls that Go's
         # wasip1 runtime outgrew (it also needs fd_fdstat_*, sched_yield, …): we allow
@@ -184,6 +193,9 @@ class PluginVm:
         )
         # cpp-host (and Higress, ngx, MOSN) look up malloc first; the spec prefers
         # proxy_on_memory_allocate. Both allocate exactly the size asked for.
+        if self.traced:
+            for fn in self.instance.functions.values():
+                fn.trace_calls(self._trace)
         allocator = self.instance.func("malloc") or self.instance.func("proxy_on_memory_allocate")
         if allocator is None:
             raise ModuleLoadError("module exports neither malloc nor proxy_on_memory_allocate")
@@ -198,11 +210,13 @@ class PluginVm:
         self.instance.deadline_ms = self.startup_deadline_ms
         initialize = self.instance.func("_initialize")
         previous = self.instance.restrict(self._startup_hostcalls, "module initialisation")
+        entry = "_initialize" if initialize is not None else "_start"
         try:
             if initialize is not None:
                 initialize()
                 main = self.instance.func("main")
                 if main is not None:
+                    entry = "main"
                     main(0, 0)
             else:
                 start = self.instance.func("_start")
@@ -210,7 +224,10 @@ class PluginVm:
                     start()
         except ProcExit as exc:
             if exc.code != 0:
-                raise GuestFailure("trap", f"initialisation exited with code {exc.code}") from None
+                raise GuestFailure("trap", f"initialisation exited with code {exc.code}", entry) from None
+        except GuestFailure as exc:
+            exc.name_function(entry)
+            raise
         finally:
             self.instance.restrict(*previous)
         self.instance.deadline_ms = self.callback_deadline_ms
@@ -245,6 +262,9 @@ class PluginVm:
         return WasmResult.OK
 
     # -- logging ----------------------------------------------------------------------
+    def _trace(self, line: str) -> None:
+        logger.log(TRACE, "%s: %s", self.label, line)
+
     def log(self, level: int, message: str) -> None:
         if level < self.services.log_level:
             return
@@ -354,9 +374,10 @@ class PluginVm:
         try:
             result = fn(*args)
         except ProcExit as exc:
-            self._fail(GuestFailure("trap", f"proc_exit({exc.code}) in {fn.name}"))
+            self._fail(GuestFailure("trap", f"proc_exit({exc.code})", fn.name))
             raise self.failure from None  # type: ignore[misc]
         except GuestFailure as exc:
+            exc.name_function(fn.name)
             self._fail(exc)
             raise
         finally:
@@ -469,6 +490,11 @@ class PluginVm:
             self.http_call_response = None
 
     # -- teardown -----------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No guest call of this VM is on the stack (closing it now frees nothing still in use)."""
+        return self._current is None and self.instance._depth == 0
+
     def close(self) -> None:
         if self.closed:
             return
