@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import signal
 import threading
@@ -28,6 +27,7 @@ from wasmesh.security.ca import (
 )
 from wasmesh.security.certservice import CertificateService, peer_identity
 from wasmesh.security.tokens import identity_for_token
+from wasmesh.security.workload import is_loopback
 from wasmesh.xds.metrics import XdsMetrics
 from wasmesh.xds.server import DEFAULT_DEBOUNCE_AFTER, AdsServer
 from wasmesh.xds.snapshot import ProxyNode
@@ -37,15 +37,6 @@ log = logging.getLogger("wasmesh.controlplane")
 DEFAULT_XDS_PORT = 15010  # istiod's plaintext xDS port
 DEFAULT_SECURE_XDS_PORT = 15012  # istiod's mTLS xDS (and CA) port
 DEFAULT_API_PORT = 15014  # istiod's monitoring port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,7 @@ def add_xds_tls_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -229,7 +229,7 @@ def xds_tls_from_args(
     host, _, _port = target.rpartition(":")
     host = host.strip("[]")
     if args.plaintext:
-        if not _loopback(host):
+        if not is_loopback(host):
             raise ValueError(f"--plaintext: plain-text xDS only to a loopback address, not {host}")
         return None
     if not args.xds_root_cert:
