@@ -25,7 +25,8 @@ class UpProcess:
         self.output: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wasmesh", "up", "--examples", str(examples),
-             "--gateway-port", "0", "--admin-port", "0", "--xds-port", "0", "--api-port", "0"],
+             "--gateway-port", "0", "--admin-port", "0", "--xds-port", "0", "--api-port", "0",
+             "--ca-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
