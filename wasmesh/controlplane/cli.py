@@ -19,7 +19,12 @@ import yaml
 
 from wasmesh.api.load import expand_paths
 from wasmesh.controlplane.bootstrap import build_bootstrap, parse_labels, render_bootstrap, split_host_port
-from wasmesh.controlplane.security_cli import add_security_commands, security_options
+from wasmesh.controlplane.security_cli import (
+    add_bootstrap_tls_flags,
+    add_security_commands,
+    bootstrap_tls,
+    security_options,
+)
 from wasmesh.controlplane.server import (
     DEFAULT_API_PORT,
     DEFAULT_SECURE_XDS_PORT,
@@ -111,6 +116,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     boot.add_argument("--workload", help="Workload/Gateway resource name (default: the node id)")
     boot.add_argument("--admin-port", type=int, default=15000)
     boot.set_defaults(handler=run_envoy_bootstrap)
+    add_bootstrap_tls_flags(boot)
 
 
 def run_control_plane(args: argparse.Namespace) -> int:
@@ -583,11 +589,12 @@ def run_envoy_bootstrap(args: argparse.Namespace) -> int:
     try:
         host, port = split_host_port(args.xds)
         labels = parse_labels(args.labels)
+        tls = bootstrap_tls(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bootstrap = build_bootstrap(
-        host, port, args.node_id, labels, args.namespace, args.admin_port, args.workload
+        host, port, args.node_id, labels, args.namespace, args.admin_port, args.workload, tls
     )
     print(render_bootstrap(bootstrap), end="")
     return 0

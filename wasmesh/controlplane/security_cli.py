@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from wasmesh.controlplane.bootstrap import BootstrapTls
 from wasmesh.controlplane.server import XdsSecurityOptions
 from wasmesh.security.ca import (
     DEFAULT_CA_PORT,
@@ -88,6 +89,28 @@ def add_security_commands(serve: argparse.ArgumentParser) -> None:
     issue.add_argument("--cert-out", type=Path, required=True, help="where to write the certificate")
     issue.add_argument("--key-out", type=Path, required=True, help="where to write the key (0600)")
     issue.set_defaults(handler=run_cert_create)
+
+
+def add_bootstrap_tls_flags(boot: argparse.ArgumentParser) -> None:
+    group = boot.add_argument_group("mTLS straight to the control plane (omit behind `wasmesh agent`)")
+    group.add_argument("--xds-root-cert", metavar="FILE", help="the mesh root CA (ca-cert.pem)")
+    group.add_argument("--xds-cert", metavar="FILE", help="Envoy's workload certificate (`cert create`)")
+    group.add_argument("--xds-key", metavar="FILE", help="its private key")
+
+
+def bootstrap_tls(args: argparse.Namespace) -> BootstrapTls | None:
+    """None without the flags; ValueError naming the missing one when only some are given."""
+    given = {flag: getattr(args, flag) for flag in ("xds_root_cert", "xds_cert", "xds_key")}
+    if not any(given.values()):
+        return None
+    for flag, value in given.items():
+        if not value:
+            raise ValueError(f"--{flag.replace('_', '-')}: required with the other mTLS flags")
+    return BootstrapTls(
+        root_cert=str(Path(args.xds_root_cert).resolve()),
+        cert=str(Path(args.xds_cert).resolve()),
+        key=str(Path(args.xds_key).resolve()),
+    )
 
 
 def _identity_flags(parser: argparse.ArgumentParser) -> None:
