@@ -141,6 +141,15 @@ def test_every_plugin_is_ready_on_the_proxy_it_selects(mesh: tuple[UpProcess, in
     assert "    ingressgateway-" in gateway.stdout and " istio-system   ACK " in gateway.stdout
 
 
+def test_every_proxy_is_on_mtls_with_its_own_identity(mesh: tuple[UpProcess, int]) -> None:
+    up, _ = mesh
+    output = "".join(up.output)
+    assert "xDS (ADS) listening on 127.0.0.1:" in output and "(mTLS)" in output
+    for identity in ("istio-system/sa/ingressgateway", "default/sa/httpbin", "default/sa/productpage"):
+        up.wait_for(rf"CA: issued a certificate for spiffe://cluster\.local/ns/{re.escape(identity)} ", 30)
+    assert "ADS: refused node" not in output
+
+
 def test_basic_auth_tour_is_never_rate_limited(mesh: tuple[UpProcess, int]) -> None:
     _, port = mesh
     answers = [get(port, "/productpage", basic(b"ok:test")) for _ in range(6)]
