@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from cp_helpers import ControlPlaneProcess, free_port, plugin_yaml, run_wasmesh, workload_yaml
 from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as http_wasm_pb2
 from envoy.extensions.wasm.v3 import wasm_pb2
 
 from wasmesh.security.ca import CertificateAuthority, Identity, csr_for, key_pem, new_key
+from wasmesh.security.certservice import request_certificate
 from wasmesh.security.workload import WorkloadCertificates, XdsTlsOptions
 from wasmesh.xds.client import ClientSnapshot, XdsClient
 
@@ -249,3 +251,24 @@ def test_token_and_cert_commands_give_one_line_errors(tmp_path: Path) -> None:
         2, "error: --namespace: expected a name without spaces or '/', got 'a b'"
     )
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == "[]"
+
+
+def test_the_ca_signs_only_the_identity_the_token_proves(secure_mesh: SecureMesh) -> None:
+    token = secure_mesh.token("default", "web-1")
+
+    async def ask(identity: Identity) -> str:
+        credentials = grpc.ssl_channel_credentials(secure_mesh.root.read_bytes())
+        options = [("grpc.ssl_target_name_override", "istiod.istio-system.svc")]
+        target = f"127.0.0.1:{secure_mesh.ca_port}"
+        async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
+            try:
+                await request_certificate(channel, csr_for(identity, new_key()), 60, token)
+            except grpc.aio.AioRpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+        return "issued"
+
+    assert asyncio.run(ask(Identity("cluster.local", "default", "web-1"))) == "issued"
+    assert asyncio.run(ask(Identity("cluster.local", "default", "other"))) == (
+        "INVALID_ARGUMENT: CSR: asks for spiffe://cluster.local/ns/default/sa/other but the caller is "
+        "spiffe://cluster.local/ns/default/sa/web-1"
+    )
