@@ -33,6 +33,7 @@ data:
   .dockerconfigjson: {base64.b64encode(DOCKER_CONFIG.encode()).decode()}
 """
 PLUGIN = "extensions.istio.io/wasmplugin/default.auth"
+ROOT_PLUGIN = "extensions.istio.io/wasmplugin/istio-system.root-auth"
 # How long a client that must get nothing is given to get something anyway.
 GRACE_S = 4.0
 
@@ -74,6 +75,12 @@ def _write_config(config: Path, echo_port: int) -> None:
     plugin = plugin_yaml("auth", "oci://registry.example:5000/auth:v1", selector={"app": "web"})
     (config / "auth.yaml").write_text(plugin.replace("spec:\n", "spec:\n  imagePullSecret: regcred\n", 1))
     (config / "secret.yaml").write_text(SECRET_YAML)
+    # A root-namespace plugin selecting the same proxy, with a pull secret of the root namespace.
+    root = plugin_yaml("root-auth", "oci://registry.example:5000/root:v1", namespace="istio-system")
+    (config / "root-auth.yaml").write_text(root.replace("spec:\n", "spec:\n  imagePullSecret: rootcred\n", 1))
+    (config / "root-secret.yaml").write_text(
+        SECRET_YAML.replace("name: regcred, namespace: default", "name: rootcred, namespace: istio-system")
+    )
 
 
 @pytest.fixture
@@ -90,8 +97,8 @@ def secure_mesh(tmp_path: Path) -> Iterator[SecureMesh]:
         plane.stop()
 
 
-def _pull_secret(snapshot: ClientSnapshot) -> str:
-    extension = snapshot.extension_configs()[PLUGIN]
+def _pull_secret(snapshot: ClientSnapshot, name: str = PLUGIN) -> str:
+    extension = snapshot.extension_configs()[name]
     wasm = http_wasm_pb2.Wasm()
     extension.typed_config.Unpack(wasm)
     config: wasm_pb2.PluginConfig = wasm.config
@@ -119,6 +126,8 @@ def test_a_verified_proxy_gets_its_config_and_its_namespace_pull_secret(secure_m
     _client, snapshot = asyncio.run(_session(secure_mesh.plane.xds_port, "web-1", tls, 30))
     assert snapshot is not None, secure_mesh.plane.log()[-3000:]
     assert _pull_secret(snapshot) == DOCKER_CONFIG
+    # The root namespace's secret is not for an identity of namespace default.
+    assert _pull_secret(snapshot, ROOT_PLUGIN) == ""
     log = secure_mesh.plane.log()
     assert "CA: issued a certificate for spiffe://cluster.local/ns/default/sa/web-1 (3600 s)" in log
 
