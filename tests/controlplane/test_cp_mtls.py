@@ -281,3 +281,33 @@ def test_the_ca_signs_only_the_identity_the_token_proves(secure_mesh: SecureMesh
         "INVALID_ARGUMENT: CSR: asks for spiffe://cluster.local/ns/default/sa/other but the caller is "
         "spiffe://cluster.local/ns/default/sa/web-1"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["proxy", "--xds", "10.0.0.1:15012", "--node-id", "web-1", "--plaintext"],
+            "error: --plaintext: plain-text xDS only to a loopback address, not 10.0.0.1",
+        ),
+        (
+            ["proxy", "--xds", "127.0.0.1:15012", "--node-id", "web-1"],
+            "error: --xds-root-cert: required for mTLS xDS (or give --plaintext on loopback)",
+        ),
+        (
+            ["proxy", "--xds", "127.0.0.1:15012", "--node-id", "w", "--xds-root-cert", "/nonexistent.pem"],
+            "error: --xds-root-cert /nonexistent.pem: no such file",
+        ),
+        (
+            ["agent", "--xds", "127.0.0.1:15012", "--metrics-port", "-1"],
+            "error: --name: required for mTLS xDS (the Workload/Gateway this Envoy serves)",
+        ),
+        (
+            ["agent", "--xds", "127.0.0.1:15012", "--name", "web-1", "--listen", "0.0.0.0:15010"],
+            "error: --listen 0.0.0.0:15010: must be a loopback address (it speaks as --name)",
+        ),
+    ],
+)
+def test_clients_are_secure_unless_told_and_say_why(argv: list[str], message: str) -> None:
+    result = run_wasmesh(*argv)
+    assert (result.returncode, result.stderr.strip()) == (2, message)
