@@ -570,16 +570,29 @@ class Route:
     body: bytes
     statuses: list[int] = field(default_factory=list)  # answered (in order) before the body is served
     delay_s: float = 0.0
+    location: str = ""  # answer 302 with this Location instead of the body
+    trickle_s: float = 0.0  # send the response one byte per this many seconds...
+    trickle_headers: bool = (
+        True  # ...from the status line (and 300 bytes of padding headers) on, or the body only
+    )
+
+
+class _IPv6HTTPServer(QuietHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class ModuleServer:
-    """A plain HTTP server for the http(s) fetcher tests: routes, scripted failures, request counts."""
+    """A plain HTTP server for the http(s) fetcher tests: routes, scripted failures, request counts.
 
-    def __init__(self) -> None:
+    ``address`` is any loopback address (``127.0.0.2``, ``::1``); ``url()`` brackets IPv6 literals.
+    """
+
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        self.address = address
         self.routes: dict[str, Route] = {}
         self.requests: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.port = free_port()
+        self.port = free_port() if ":" not in address else 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -597,25 +610,62 @@ class ModuleServer:
                     status = 404
                 elif route.delay_s:
                     time.sleep(route.delay_s)
+                if route is not None and route.location:
+                    self.send_response(302)
+                    self.send_header("Location", route.location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = route.body if route is not None and status == 200 else b"failure"
+                if route is not None and route.trickle_s:
+                    head = f"HTTP/1.1 {status} OK\r\nContent-Length: {len(body)}\r\n".encode()
+                    if route.trickle_headers:
+                        head += b"X-Padding: " + b"p" * 300 + b"\r\n\r\n"
+                        trickled = head + body
+                    else:
+                        self.wfile.write(head + b"\r\n")
+                        self.wfile.flush()
+                        trickled = body
+                    for offset in range(len(trickled)):
+                        self.wfile.write(trickled[offset : offset + 1])
+                        self.wfile.flush()
+                        time.sleep(route.trickle_s)
+                    return
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = QuietHTTPServer(("127.0.0.1", self.port), Handler)
+        server_class = _IPv6HTTPServer if ":" in address else QuietHTTPServer
+        self.server = server_class((address, self.port), Handler)
+        self.port = int(self.server.server_address[1])
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}{path}"
 
-    def serve(self, path: str, body: bytes, statuses: list[int] | None = None, delay_s: float = 0.0) -> str:
+    def serve(
+        self,
+        path: str,
+        body: bytes,
+        statuses: list[int] | None = None,
+        delay_s: float = 0.0,
+        location: str = "",
+        trickle_s: float = 0.0,
+        trickle_headers: bool = True,
+    ) -> str:
         with self._lock:
-            self.routes[path] = Route(body, list(statuses or []), delay_s)
+            self.routes[path] = Route(
+                body, list(statuses or []), delay_s, location, trickle_s, trickle_headers
+            )
             self.requests.pop(path, None)
         return self.url(path)
+
+    def redirect(self, path: str, location: str) -> str:
+        return self.serve(path, b"", location=location)
 
     def count(self, path: str) -> int:
         with self._lock:

@@ -149,6 +149,17 @@ def test_compat_extraction_finds_plugin_wasm_at_any_depth() -> None:
         extract_wasm(layer, tar_gzip({"filter.wasm": wasm}), 1 << 20)
 
 
+def test_compat_extraction_scans_a_bounded_number_of_entries() -> None:
+    """A hostile compat layer of many empty entries is refused after the first 1,000, not scanned whole."""
+    wasm = tiny_wasm("late")
+    layer = locate_wasm_layer(manifest([descriptor("application/vnd.oci.image.layer.v1.tar+gzip")]))
+    at_the_bound = {f"pad/{index}": b"" for index in range(999)}
+    assert extract_wasm(layer, tar_gzip({**at_the_bound, "plugin.wasm": wasm}), 1 << 20) == wasm
+    past_the_bound = {f"pad/{index}": b"" for index in range(1000)}
+    with pytest.raises(FetchError, match="^plugin.wasm not among the first 1000 entries of the archive$"):
+        extract_wasm(layer, tar_gzip({**past_the_bound, "plugin.wasm": wasm}), 1 << 20)
+
+
 def test_index_entry_prefers_wasm_platform() -> None:
     index = json.dumps(
         {

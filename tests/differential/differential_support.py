@@ -8,28 +8,40 @@ returns a `DifferentialPair` whose `run(...)` sends the same request to both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from wasmesh.api import Document, parse_wasmplugin, plugin_configuration_json
 from wasmesh.runtime import FailurePolicy
 from wasmesh.testing.compare import ObservedExchange, observe_envoy, observe_harness
-from wasmesh.testing.envoy import EnvoyRunner, EnvoyWasmPlugin, envoy_binary, free_port
+from wasmesh.testing.envoy import (
+    UPSTREAM_CLUSTER,
+    EnvoyRunner,
+    EnvoyWasmPlugin,
+    envoy_binary,
+    free_port,
+    http1_request,
+)
 from wasmesh.testing.harness import HttpCall, Plugin, PluginHarness, Upstream, UpstreamRequest
 from wasmesh.testing.upstream import RecordedRequest, RecordingUpstream, Reply
 
@@ -492,3 +504,342 @@ def poll(what: str, probe: Callable[[], T | None], timeout_s: float = 20.0, inte
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------- sockets mode
+# The same comparison with wasmesh as a real proxy process (`python -m wasmesh proxy --config`, the
+# machinery `wasmesh run` drives) on real sockets, next to the same Envoy 1.40. The proxy's file mirrors
+# the Envoy bootstrap of wasmesh.testing.envoy (listener_0 → virtual host "all" → route "default" →
+# cluster "upstream", use_remote_address false as Envoy's default, the same node and extra clusters),
+# so whatever differs is behaviour, not configuration. Plugins become WasmPlugin resources, so each
+# configuration must be a JSON object (or empty); Envoy gets it as Istio would send it
+# (wasmesh.api.plugin_configuration_json: compact, keys sorted).
+
+
+def istio_configuration(plugin: EnvoyWasmPlugin) -> dict[str, object] | None:
+    """The pluginConfig of `plugin` (None when it has no configuration)."""
+    if not plugin.configuration:
+        return None
+    value = json.loads(plugin.configuration)
+    if not isinstance(value, dict):
+        raise ValueError(f"plugin {plugin.name!r}: sockets mode needs a JSON object configuration")
+    return value
+
+
+def envoy_plugin_as_wasmplugin(
+    plugin: EnvoyWasmPlugin, module: Path, index: int, count: int
+) -> dict[str, Any]:
+    """`plugin` as a WasmPlugin resource; priorities keep the list's order (Istio: higher first)."""
+    if plugin.vm_id or plugin.vm_configuration:
+        raise ValueError(f"plugin {plugin.name!r}: a WasmPlugin has no vm_id / vm_configuration")
+    spec: dict[str, Any] = {"url": f"file://{module}", "priority": count - index}
+    config = istio_configuration(plugin)
+    if config is not None:
+        spec["pluginConfig"] = config
+    if plugin.root_id:
+        spec["pluginName"] = plugin.root_id
+    if plugin.env:
+        spec["vmConfig"] = {"env": [{"name": k, "value": v} for k, v in plugin.env.items()]}
+    if plugin.fail_open:
+        spec["failStrategy"] = "FAIL_OPEN"
+    return {
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": {"name": plugin.name or f"plugin-{index}", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def as_istio_sends(plugin: EnvoyWasmPlugin, document: dict[str, Any], source: Path) -> EnvoyWasmPlugin:
+    """`plugin` with the name and configuration bytes istiod would hand Envoy for `document`."""
+    parsed = parse_wasmplugin(Document("WasmPlugin", document["apiVersion"], document, source, 1))
+    metadata = document["metadata"]
+    return dataclasses.replace(
+        plugin,
+        name=f"{metadata['namespace']}.{metadata['name']}",  # istiod names the PluginConfig <ns>.<name>
+        configuration=plugin_configuration_json(parsed).decode(),
+    )
+
+
+class WasmeshProxyProcess:
+    """`python -m wasmesh proxy --config FILE` with the plugins and clusters of an Envoy bootstrap."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        documents: Sequence[dict[str, Any]],
+        *,
+        upstream_port: int,
+        clusters: dict[str, int],
+        node_id: str,
+        wasm: dict[str, str] | None = None,
+    ) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        all_clusters = {UPSTREAM_CLUSTER: upstream_port, **clusters}
+        config: dict[str, Any] = {
+            "node": {"id": node_id, "cluster": "wasmesh-differential"},
+            "admin": {"address": "127.0.0.1", "port": self.admin_port},
+            "listeners": [{
+                "name": "listener_0", "address": "127.0.0.1", "port": self.port, "use_remote_address": False,
+                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                    {"name": "default", "match": {"prefix": "/"}, "cluster": UPSTREAM_CLUSTER,
+                     "timeout": "10s"}]}],
+            }],
+            "clusters": [{"name": name, "endpoints": [f"127.0.0.1:{port}"]}
+                         for name, port in all_clusters.items()],
+            "plugins": list(documents),
+        }  # fmt: skip
+        if wasm:
+            config["wasm"] = wasm
+        self.config_path = workdir / "wasmesh-proxy.yaml"
+        self.config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+        self.log_path = workdir / "wasmesh-proxy.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WasmeshProxyProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "wb") as log_file:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "wasmesh", "proxy", "--config", str(self.config_path),
+                 "--log-level", "warning"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            if self._process.poll() is not None:
+                log_tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"wasmesh proxy exited: {log_tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("wasmesh proxy not ready after 120s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class SocketsPair:
+    """Envoy and a wasmesh proxy process with the same plugins; requests go over sockets to both."""
+
+    envoy: EnvoyRunner
+    upstream: RecordingUpstream | PacedUpstream
+    proxy: WasmeshProxyProcess
+    workdir: Path
+    mask: Callable[[str, str], str] = mask_volatile
+    callout_paths: frozenset[str] = CALLOUT_PATHS
+
+    def _observe(
+        self,
+        port: int,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        trailers: Sequence[tuple[str, str]],
+    ) -> ObservedExchange | str:
+        self.upstream.clear()
+        try:
+            response = http1_request(port, method, path, headers, body, trailers=trailers)
+        except (ConnectionError, OSError):  # the stream was reset
+            return "reset"
+        requests = [r for r in self.upstream.requests if r.path.split("?")[0] not in self.callout_paths]
+        return observe_envoy(response, requests, self.mask)
+
+    def run(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        trailers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[ObservedExchange | str, ObservedExchange | str]:
+        pairs = [("host", "example.com"), *headers]
+        return (
+            self._observe(self.envoy.listener_port, method, path, pairs, body, trailers),
+            self._observe(self.proxy.port, method, path, pairs, body, trailers),
+        )
+
+
+ComparedProxies = DifferentialPair | SocketsPair
+PAIR_MODES = ("harness", "sockets")
+
+
+def start_sockets_pair(
+    plugins: Sequence[EnvoyWasmPlugin],
+    upstream: RecordingUpstream | PacedUpstream,
+    cluster_names: Sequence[str] = (),
+    wasm: dict[str, str] | None = None,
+) -> SocketsPair:
+    """Envoy and `wasmesh proxy` with the same plugins (as WasmPlugins); named clusters → `upstream`."""
+    workdir = Path(tempfile.mkdtemp(prefix="wasmesh-sockets-"))
+    documents, envoy_plugins = [], []
+    for index, plugin in enumerate(plugins):
+        module = plugin.module
+        if isinstance(module, bytes):
+            path = workdir / f"plugin-{index}.wasm"
+            path.write_bytes(module)
+            module = path
+        document = envoy_plugin_as_wasmplugin(plugin, Path(module).resolve(), index, len(plugins))
+        documents.append(document)
+        envoy_plugins.append(as_istio_sends(plugin, document, workdir / "plugins.yaml"))
+    clusters = {name: upstream.port for name in cluster_names}
+    envoy = EnvoyRunner(envoy_plugins, upstream_port=upstream.port, clusters=clusters)
+    envoy.start()
+    proxy = WasmeshProxyProcess(
+        workdir, documents, upstream_port=upstream.port, clusters=clusters, node_id=envoy.node_id, wasm=wasm
+    )
+    try:
+        proxy.start()
+    except BaseException:
+        envoy.stop()
+        raise
+    return SocketsPair(envoy, upstream, proxy, workdir)
+
+
+def start_compared(
+    mode: str,
+    plugins: Sequence[EnvoyWasmPlugin],
+    upstream: RecordingUpstream,
+    cluster_names: Sequence[str] = (),
+) -> ComparedProxies:
+    """`start_pair` (mode "harness") or `start_sockets_pair` (mode "sockets")."""
+    if mode == "sockets":
+        return start_sockets_pair(plugins, upstream, cluster_names)
+    return start_pair(plugins, upstream, cluster_names)
+
+
+def stop_compared(pair: ComparedProxies) -> None:
+    if isinstance(pair, SocketsPair):
+        pair.proxy.stop()
+        pair.envoy.stop()
+        shutil.rmtree(pair.workdir, ignore_errors=True)
+    else:
+        stop_pair(pair)
+
+
+@dataclass
+class PacedReply:
+    """A response written as raw wire `pieces` (framing included), `delay_s` apart, after the head."""
+
+    status: int = 200
+    headers: Sequence[tuple[str, str]] = (("content-type", "text/plain"), ("content-length", "13"))
+    pieces: Sequence[bytes] = (b"upstream-body",)
+    delay_s: float = 0.0
+
+
+def chunked(*chunks: bytes) -> list[bytes]:
+    """Wire pieces of a chunked body: one piece per chunk, the last one with the terminating chunk."""
+    pieces = [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks]
+    if pieces:
+        pieces[-1] += b"0\r\n\r\n"
+    else:
+        pieces = [b"0\r\n\r\n"]
+    return pieces
+
+
+class PacedUpstream:
+    """An upstream that records requests like RecordingUpstream and answers each path with a
+    `PacedReply` (so a response body reaches the proxy in separate reads); other paths get 200."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, PacedReply] = {}
+        self.requests: list[RecordedRequest] = []
+        self.body_received = 0  # body bytes of the request being read, as they arrive
+        self.heads_received = 0  # request heads read since clear()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def wait_body(self, size: int, timeout_s: float = 15.0) -> None:
+        """Until the request being read has brought `size` body bytes (the proxy forwarded them)."""
+        deadline = time.monotonic() + timeout_s
+        while self.body_received < size:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the upstream got {self.body_received} body bytes, not {size}")
+            time.sleep(0.01)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.body_received = 0
+            self.heads_received = 0
+
+    def start(self) -> PacedUpstream:
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                with upstream._lock:
+                    upstream.body_received = 0
+                    upstream.heads_received += 1
+                chunks: list[bytes] = []
+                if (self.headers.get("transfer-encoding") or "").lower() == "chunked":
+                    while size := int(self.rfile.readline().strip().split(b";")[0], 16):
+                        chunks.append(self._take(self.rfile.read(size)))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                else:
+                    left = int(self.headers.get("content-length") or 0)
+                    while left > 0:
+                        piece = self.rfile.read1(left)
+                        if not piece:
+                            break
+                        chunks.append(self._take(piece))
+                        left -= len(piece)
+                body = b"".join(chunks)
+                headers = [(k.lower(), v) for k, v in self.headers.items()]
+                with upstream._lock:
+                    upstream.requests.append(RecordedRequest(self.command, self.path, headers, body))
+                reply = upstream.replies.get(self.path.split("?")[0], PacedReply())
+                head = f"HTTP/1.1 {reply.status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
+                self.wfile.write(head.encode("latin-1") + b"\r\n")
+                self.wfile.flush()
+                for piece in reply.pieces:
+                    if reply.delay_s:
+                        time.sleep(reply.delay_s)
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+
+            def _take(self, piece: bytes) -> bytes:
+                with upstream._lock:
+                    upstream.body_received += len(piece)
+                return piece
+
+            do_GET = do_POST = do_PUT = _handle
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="paced-upstream", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

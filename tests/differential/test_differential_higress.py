@@ -11,12 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 from differential_support import (
-    DifferentialPair,
+    PAIR_MODES,
+    ComparedProxies,
     assert_same_exchange,
     higress_module,
     require_envoy,
-    start_pair,
-    stop_pair,
+    start_compared,
+    stop_compared,
 )
 
 from wasmesh.testing.envoy import EnvoyWasmPlugin
@@ -46,14 +47,17 @@ def higress_upstream() -> Iterator[RecordingUpstream]:
 
 
 def _pair(
-    plugins: list[EnvoyWasmPlugin], upstream: RecordingUpstream, clusters: list[str]
-) -> DifferentialPair:
+    mode: str, plugins: list[EnvoyWasmPlugin], upstream: RecordingUpstream, clusters: list[str]
+) -> ComparedProxies:
     require_envoy()
-    return start_pair(plugins, upstream, cluster_names=clusters)
+    return start_compared(mode, plugins, upstream, cluster_names=clusters)
 
 
-@pytest.fixture(scope="module")
-def acl_transformer_chain(higress_upstream: RecordingUpstream) -> Iterator[DifferentialPair]:
+# "harness": wasmesh in memory (wasmesh.testing.PluginHarness); "sockets": a real wasmesh proxy process.
+@pytest.fixture(scope="module", params=PAIR_MODES)
+def acl_transformer_chain(
+    request: pytest.FixtureRequest, higress_upstream: RecordingUpstream
+) -> Iterator[ComparedProxies]:
     """ip-acl → transformer, as a gateway runs them (AUTHN then the rewrite)."""
     plugins = [
         plugin("gpustack-ip-acl", {"consumers": {"mallory": {"deniedCidrs": ["127.0.0.0/8"]},
@@ -73,11 +77,11 @@ def acl_transformer_chain(higress_upstream: RecordingUpstream) -> Iterator[Diffe
             },
         ),
     ]  # fmt: skip
-    pair = _pair(plugins, higress_upstream, [])
+    pair = _pair(request.param, plugins, higress_upstream, [])
     try:
         yield pair
     finally:
-        stop_pair(pair)
+        stop_compared(pair)
 
 
 SCENARIOS: dict[str, tuple[str, str, list[tuple[str, str]], bytes]] = {
@@ -90,7 +94,7 @@ SCENARIOS: dict[str, tuple[str, str, list[tuple[str, str]], bytes]] = {
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_acl_transformer_chain_matches_envoy(acl_transformer_chain: DifferentialPair, scenario: str) -> None:
+def test_acl_transformer_chain_matches_envoy(acl_transformer_chain: ComparedProxies, scenario: str) -> None:
     method, path, headers, body = SCENARIOS[scenario]
     envoy, wasmesh = acl_transformer_chain.run(method, path, headers, body)
     assert_same_exchange(envoy, wasmesh)

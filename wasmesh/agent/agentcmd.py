@@ -12,7 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wasmesh.agent.options import CacheOptions, add_insecure_registry_flag, insecure_registries_from
+from wasmesh.agent.options import (
+    CacheOptions,
+    add_allowed_file_dir_flag,
+    add_insecure_registry_flag,
+    insecure_registries_from,
+)
 from wasmesh.agent.xdsproxy import AgentOptions, AgentServer
 from wasmesh.security.workload import XdsTlsOptions, add_xds_tls_flags, is_loopback, xds_tls_from_args
 
@@ -53,6 +58,7 @@ def build_options(args: argparse.Namespace, env: Mapping[str, str]) -> AgentOpti
     overrides: dict[str, object] = {
         "dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
         "insecure_registries": insecure_registries_from(args.insecure_registry, env),
+        "allowed_file_dirs": tuple(Path(d) for d in args.allowed_file_dir),
     }
     cache = CacheOptions.from_env(env, overrides=overrides)
     metrics_port: int | None = None if args.metrics_port == -1 else args.metrics_port
@@ -119,7 +125,8 @@ def register(subparsers: Any) -> None:
         description="Serve ADS to Envoy and proxy it to the control plane. ECDS Wasm filters with remote "
         "code are fetched through the verified module cache and rewritten to local files; a module that "
         "cannot be fetched becomes a deny-all RBAC filter (allow-all for FAIL_OPEN). Honours Istio's "
-        "WASM_* and ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION environment variables.",
+        "WASM_*, BLOCKED_CIDRS_IN_WASM_FETCH and ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION environment "
+        "variables.",
     )
     parser.add_argument("--xds", required=True, metavar="HOST:PORT", help="the control plane's ADS server")
     parser.add_argument(
@@ -136,6 +143,7 @@ def register(subparsers: Any) -> None:
         help=f"port of /metrics and /ready on the --listen host (default {DEFAULT_METRICS_PORT}; -1 = off)",
     )
     add_insecure_registry_flag(parser)
+    add_allowed_file_dir_flag(parser)
     parser.add_argument("--namespace", default="default", help="namespace of this agent's identity")
     parser.add_argument("--name", help="the Workload/Gateway (identity name) this agent's Envoy serves")
     add_xds_tls_flags(parser)

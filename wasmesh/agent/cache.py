@@ -155,6 +155,7 @@ class ModuleCache:
             max_attempts=self.options.http_max_retries,
             initial_backoff_s=self.options.http_initial_backoff_s,
             max_body_bytes=self.options.max_module_bytes,
+            policy=self.options.address_policy,
         )
         self._lock = threading.Lock()
         self._modules: dict[ModuleKey, _ModuleEntry] = {}
@@ -453,6 +454,7 @@ class ModuleCache:
                     max_bytes=self.options.max_module_bytes,
                     docker_config_dir=self.options.docker_config_dir,
                     deadline=deadline,
+                    policy=self.options.address_policy,
                 )
             except FetchError as exc:
                 self.metrics.record_fetch(FetchResult.MANIFEST_FAILURE)
@@ -465,7 +467,12 @@ class ModuleCache:
         else:
             try:
                 if request.scheme == "file":
-                    data = fetch_file(request.url, self.options.max_module_bytes, self.options.file_base_dir)
+                    data = fetch_file(
+                        request.url,
+                        self.options.max_module_bytes,
+                        self.options.file_base_dir,
+                        self.options.allowed_file_dirs,
+                    )
                 else:
                     data = self._http.fetch(
                         request.url, insecure=request.insecure, deadline=deadline, on_progress=on_progress
@@ -482,6 +489,13 @@ class ModuleCache:
                 return path
         elif fetched_checksum != checksum:
             self.metrics.record_fetch(FetchResult.CHECKSUM_MISMATCHED)
+            if request.scheme == "file":
+                # Never the actual digest: that would make the agent an oracle for the sha256 of any
+                # file it can read (Istio's message names both).
+                raise FetchError(
+                    f"module read from {request.url} does not match the expected checksum {checksum}",
+                    FetchResult.CHECKSUM_MISMATCHED,
+                )
             raise FetchError(
                 f"module downloaded from {request.url} has checksum {fetched_checksum}, "
                 f"which does not match: {checksum}",

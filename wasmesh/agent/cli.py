@@ -15,7 +15,12 @@ from typing import Any, TextIO
 from wasmesh.agent import agentcmd
 from wasmesh.agent.cache import ModuleCache
 from wasmesh.agent.errors import FetchError
-from wasmesh.agent.options import CacheOptions, add_insecure_registry_flag, insecure_registries_from
+from wasmesh.agent.options import (
+    CacheOptions,
+    add_allowed_file_dir_flag,
+    add_insecure_registry_flag,
+    insecure_registries_from,
+)
 
 
 def default_cache_dir() -> Path:
@@ -89,6 +94,7 @@ def run_pull(args: argparse.Namespace) -> int:
         overrides: dict[str, object] = {
             "dir": Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
             "insecure_registries": insecure_registries_from(args.insecure_registry, os.environ),
+            "allowed_file_dirs": tuple(Path(d) for d in args.allowed_file_dir),
         }
         options = CacheOptions.from_env(overrides=overrides)
     except ValueError as exc:
@@ -149,6 +155,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the module")
     parser.add_argument("--sha256", help="expected checksum (OCI: manifest digest hex; http: module sha256)")
     add_insecure_registry_flag(parser)
+    add_allowed_file_dir_flag(parser)
     parser.add_argument("--cache-dir", help=f"module cache directory (default {default_cache_dir()})")
     parser.add_argument(
         "--pull-secret", metavar="FILE", help="dockerconfigjson file with registry credentials"
@@ -159,6 +166,12 @@ def register(subparsers: Any) -> None:
         choices=("UNSPECIFIED_POLICY", "IfNotPresent", "Always"),
         help="as WasmPlugin.imagePullPolicy (Always re-resolves the reference on every run)",
     )
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="overall deadline")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="overall deadline of the whole pull (every request, retry, redirect and byte); default 300",
+    )
     parser.set_defaults(handler=run_pull)
     agentcmd.register(subparsers)  # `wasmesh agent` (owned by agentcmd.py)

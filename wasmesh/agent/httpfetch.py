@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wasmesh.agent.errors import FetchError, FetchResult
+from wasmesh.agent.ssrf import AddressPolicy
 from wasmesh.agent.transport import TransportError, http_request
 from wasmesh.agent.unbox import unbox_if_possible
 
@@ -40,6 +41,7 @@ class HttpFetcher:
     max_attempts: int = 5
     initial_backoff_s: float = 0.5
     max_body_bytes: int = 256 << 20
+    policy: AddressPolicy = field(default_factory=AddressPolicy.from_env)
 
     def fetch(
         self,
@@ -66,9 +68,12 @@ class HttpFetcher:
                     verify_tls=not insecure,
                     max_body_bytes=self.max_body_bytes,
                     on_progress=on_progress,
+                    policy=self.policy,
                 )
             except TransportError as exc:
                 last_error = str(exc)
+                if exc.blocked:
+                    break  # the destination is refused: it will be refused again
                 if exc.timed_out and deadline is not None and time.monotonic() >= deadline:
                     break  # the caller's deadline is gone: another attempt cannot succeed
             except FetchError as exc:  # oversize body: retrying fetches the same bytes again

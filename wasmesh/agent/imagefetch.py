@@ -14,6 +14,7 @@ from wasmesh.agent.credentials import CredentialsError, DockerConfig, load_docke
 from wasmesh.agent.errors import FetchError, FetchResult
 from wasmesh.agent.imageformats import WasmLayer, extract_wasm, locate_wasm_layer
 from wasmesh.agent.oci import ImageReference, Manifest, RegistryClient, resolve_manifest
+from wasmesh.agent.ssrf import AddressPolicy
 
 ProgressCallback = Callable[[int, int | None], None]
 
@@ -68,6 +69,7 @@ def prepare_image(
     max_bytes: int = 256 << 20,
     docker_config_dir: Path | None = None,
     deadline: float | None = None,
+    policy: AddressPolicy | None = None,
 ) -> PreparedImage:
     """Resolve ``reference`` to its manifest; FetchError(manifest_failure) if that fails."""
     credential = docker_config_for(pull_secret, docker_config_dir).lookup(reference.registry)
@@ -78,6 +80,7 @@ def prepare_image(
         request_timeout_s=request_timeout_s,
         max_attempts=max_attempts,
         initial_backoff_s=initial_backoff_s,
+        policy=policy,
     )
     manifest = resolve_manifest(client, reference, deadline)
     return PreparedImage(reference, manifest, client, max_bytes)

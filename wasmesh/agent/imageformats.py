@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from wasmesh.agent.errors import FetchError, FetchResult
 from wasmesh.agent.oci import DOCKER_MANIFEST, Descriptor, Manifest
-from wasmesh.agent.unbox import gunzip_limited, too_large_error
+from wasmesh.agent.unbox import MAX_TAR_MEMBERS_SCANNED, gunzip_limited, too_large_error
 
 DOCKER_LAYER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -98,7 +98,10 @@ def extract_plugin_from_tar_gzip(blob: bytes, limit: int) -> bytes:
     archive_bytes = gunzip_limited(blob, limit, "compat image layer")
     try:
         with tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r:") as archive:
-            for member in archive:
+            for scanned, member in enumerate(archive):
+                if scanned == MAX_TAR_MEMBERS_SCANNED:  # a hostile layer of empty entries: bounded work
+                    bound = MAX_TAR_MEMBERS_SCANNED
+                    raise _invalid(f"{COMPAT_FILE_NAME} not among the first {bound} entries of the archive")
                 if member.isfile() and posixpath.basename(member.name) == COMPAT_FILE_NAME:
                     if member.size > limit:
                         raise too_large_error(f"{member.name} in the image layer", limit)

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 from wasmesh.agent.credentials import ANONYMOUS, DOCKER_HUB_REGISTRY, RegistryCredential
 from wasmesh.agent.errors import FetchError, FetchResult
 from wasmesh.agent.httpfetch import backoff_delays, is_retryable_status
+from wasmesh.agent.ssrf import AddressPolicy
 from wasmesh.agent.transport import HttpResponse, TransportError, http_request
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -279,8 +280,11 @@ class RegistryClient:
         request_timeout_s: float = 15.0,
         max_attempts: int = 5,
         initial_backoff_s: float = 0.5,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self.registry = registry
+        # Checked on every connection: the registry, its token realm, and blob redirects.
+        self.policy = policy if policy is not None else AddressPolicy.from_env()
         self.credential = credential
         self.insecure = insecure  # listed insecure: TLS is not verified, plain HTTP is allowed
         self.plain_http_allowed = insecure or is_local_registry(registry)
@@ -363,7 +367,7 @@ class RegistryClient:
             except PlainHttpRegistryError:
                 raise  # asking again cannot change the registry's scheme
             except TransportError as exc:
-                if exc.timed_out or last:
+                if exc.timed_out or exc.blocked or last:
                     raise
             else:
                 if last or not (is_retryable_status(response.status) or response.status == 429):
@@ -397,12 +401,13 @@ class RegistryClient:
                     max_body_bytes=max_body_bytes,
                     on_chunk=on_chunk,
                     on_progress=on_progress,
+                    policy=self.policy,
                 )
             except TransportError as exc:
                 if exc.tls_plain_http and not self.plain_http_allowed:
                     raise PlainHttpRegistryError(f"{base_url}/v2/{path}", self.registry) from None
                 last_error = exc
-                if exc.timed_out:
+                if exc.timed_out or exc.blocked:
                     break
                 continue
             with self._lock:  # remember the scheme that answered
@@ -467,6 +472,7 @@ class RegistryClient:
             deadline=deadline,
             verify_tls=not self.insecure,
             max_body_bytes=1 << 20,
+            policy=self.policy,
         )
         if response.status != 200:
             raise TransportError(

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wasmesh.agent.ssrf import BLOCKED_CIDRS_ENV, AddressPolicy, IPNetwork, parse_blocked_cidrs
+
 DEFAULT_MODULE_EXPIRY_S = 24 * 3600.0
 DEFAULT_PURGE_INTERVAL_S = 3600.0
 DEFAULT_HTTP_TIMEOUT_S = 15.0
@@ -33,6 +35,19 @@ def insecure_registries_from(flag_values: Iterable[str], env: Mapping[str, str])
     Both are allow-lists, so they add up (a flag never narrows what the environment allows).
     """
     return split_hosts(flag_values) | split_hosts([env.get(INSECURE_REGISTRIES_ENV, "")])
+
+
+def add_allowed_file_dir_flag(parser: argparse.ArgumentParser) -> None:
+    """``--allowed-file-dir DIR`` (repeatable), spelled the same by every command that fetches modules."""
+    parser.add_argument(
+        "--allowed-file-dir",
+        dest="allowed_file_dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="only read file:// modules from under DIR (repeatable; symlinks and .. are resolved "
+        "first). Default: any readable file, as Istio",
+    )
 
 
 def add_insecure_registry_flag(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +86,21 @@ class CacheOptions:
     docker_config_dir: Path | None = None
     # Base of relative ``file://`` URLs (``file://plugins/x.wasm``); None rejects relative file URLs.
     file_base_dir: Path | None = None
+    # ``file://`` modules must resolve (symlinks, ``..``) to a path under one of these; empty = any
+    # file, as Istio.
+    allowed_file_dirs: tuple[Path, ...] = ()
+    # Refused on top of the always-blocked link-local and cloud-metadata ranges. None = read
+    # BLOCKED_CIDRS_IN_WASM_FETCH from the process environment.
+    blocked_cidrs: tuple[IPNetwork, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", Path(self.dir))
         object.__setattr__(self, "insecure_registries", frozenset(self.insecure_registries))
+        object.__setattr__(self, "allowed_file_dirs", tuple(Path(d) for d in self.allowed_file_dirs))
+        if self.blocked_cidrs is None:
+            object.__setattr__(
+                self, "blocked_cidrs", parse_blocked_cidrs(os.environ.get(BLOCKED_CIDRS_ENV, ""))
+            )
         defaults = {
             "module_expiry_s": DEFAULT_MODULE_EXPIRY_S,
             "purge_interval_s": DEFAULT_PURGE_INTERVAL_S,
@@ -85,6 +111,11 @@ class CacheOptions:
         for name, default in defaults.items():
             if getattr(self, name) <= 0:
                 object.__setattr__(self, name, default)
+
+    @property
+    def address_policy(self) -> AddressPolicy:
+        """Where module fetches may connect: never link-local/metadata, nor ``blocked_cidrs``."""
+        return AddressPolicy(self.blocked_cidrs or ())
 
     def allow_insecure(self, host: str) -> bool:
         """Whether ``host`` (``name`` or ``name:port``) may be reached over plain HTTP / unverified TLS."""
@@ -99,7 +130,7 @@ class CacheOptions:
         Durations accept Go syntax (``24h``, ``500ms``, ``1h30m``) or plain seconds.
         """
         source = os.environ if env is None else env
-        values: dict[str, object] = {}
+        values: dict[str, object] = {"blocked_cidrs": parse_blocked_cidrs(source.get(BLOCKED_CIDRS_ENV, ""))}
         if INSECURE_REGISTRIES_ENV in source:
             values["insecure_registries"] = split_hosts([source[INSECURE_REGISTRIES_ENV]])
         durations = {

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from wasmesh.agent.options import add_insecure_registry_flag, insecure_registries_from
+from wasmesh.agent.options import (
+    add_allowed_file_dir_flag,
+    add_insecure_registry_flag,
+    insecure_registries_from,
+)
 from wasmesh.proxy.config import (
     ConfigContext,
     ConfigError,
@@ -201,6 +205,10 @@ def _proxy(args: argparse.Namespace) -> int:
         reason = "only with --xds (a --config file lists them in cache.insecure_registries)"
         print(f"error: wasmesh proxy: --insecure-registry: {reason}", file=sys.stderr)
         return 2
+    if args.allowed_file_dir:
+        reason = "only with --xds (a --config file lists them in cache.allowed_file_dirs)"
+        print(f"error: wasmesh proxy: --allowed-file-dir: {reason}", file=sys.stderr)
+        return 2
     return run_proxy(
         FileConfigSource(args.config), workers=args.workers, admin=args.admin, log_level=args.log_level
     )
@@ -292,6 +300,7 @@ def _xds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default="default", metavar="NS", help="this proxy's namespace")
     p.add_argument("--cache-dir", metavar="DIR", help="module cache for remote (http/oci) plugins")
     add_insecure_registry_flag(p)
+    add_allowed_file_dir_flag(p)
     add_xds_tls_flags(p)
 
 
@@ -327,6 +336,7 @@ def build_xds_options(args: argparse.Namespace, env: Mapping[str, str]) -> XdsOp
         namespace=args.namespace,
         cache_dir=args.cache_dir,
         insecure_registries=tuple(sorted(insecure_registries_from(args.insecure_registry, env))),
+        allowed_file_dirs=tuple(args.allowed_file_dir),
         wasm_limits=wasm_limits_from_flags(args, "wasmesh proxy"),
         tls=xds_tls_from_args(args, args.xds, args.namespace, args.node_id),
     )

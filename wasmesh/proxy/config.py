@@ -155,6 +155,7 @@ class PluginResource:
 class CacheConfig:
     dir: str | None = None
     insecure_registries: tuple[str, ...] = ()
+    allowed_file_dirs: tuple[str, ...] = ()  # file:// modules only from under these (empty = anywhere)
 
 
 @dataclass(frozen=True)
@@ -728,13 +729,19 @@ def parse_config(raw: object, source: str = "<inline>", base_dir: Path | None = 
     cache = CacheConfig()
     if d.get("cache") is not None:
         cache_raw = _mapping(d["cache"], ctx, "cache")
-        _check_keys(cache_raw, {"dir", "insecure_registries"}, ctx, "cache")
+        _check_keys(cache_raw, {"dir", "insecure_registries", "allowed_file_dirs"}, ctx, "cache")
         cache = CacheConfig(
             dir=_str(cache_raw["dir"], ctx, "cache.dir") if cache_raw.get("dir") is not None else None,
             insecure_registries=tuple(
                 _str(r, ctx, f"cache.insecure_registries[{i}]")
                 for i, r in enumerate(
                     _list(cache_raw.get("insecure_registries", []), ctx, "cache.insecure_registries")
+                )
+            ),
+            allowed_file_dirs=tuple(
+                _str(d, ctx, f"cache.allowed_file_dirs[{i}]")
+                for i, d in enumerate(
+                    _list(cache_raw.get("allowed_file_dirs", []), ctx, "cache.allowed_file_dirs")
                 )
             ),
         )

@@ -234,6 +234,10 @@ class DownstreamConnection(asyncio.Protocol):
     def on_request_headers(
         self, headers: HeaderMap, end_stream: bool, keep_alive: bool, http10: bool
     ) -> None:
+        if self._closing:
+            # The rest of a read after a response that closes the connection (a local reply before
+            # the request body was read): never served, as Envoy never parses it.
+            return
         ex = ProxyExchange(self, self.listener, keep_alive, http10)
         self.receiving = ex
         if self.current is None:

@@ -158,8 +158,10 @@ class ProxyExchange:
         self.cluster_name: str | None = None
         self.route_timeout_s = 0.0
         self.upstream_status = 0
-        self.held_body: bytes | None = None
-        self.held_request_body: bytes | None = None
+        # The body bytes of the current read, not yet handed to the chain (see request_body); a
+        # bytearray once a read brought more than one piece, so many small chunks join in linear time.
+        self.held_body: bytes | bytearray | None = None
+        self.held_request_body: bytes | bytearray | None = None
         self.replay: bytes | None = None
         self.retried = False
         self.idempotent = False
@@ -187,7 +189,7 @@ class ProxyExchange:
             info.tls = conn.tls
         self.info = info
         self.request_received = end_stream
-        method = headers.pairs()[0][1]
+        method = headers.pairs()[2][1]  # RequestParser's order: :authority, :path, :method
         self.head_request = method == b"HEAD"
         self._mutate_request_headers(headers)
         selected = listener.router.select(headers)
@@ -235,32 +237,33 @@ class ProxyExchange:
             if not self.http10:
                 self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    # Body chunks are held like response chunks (see on_response_body): the chain gets the last
-    # chunk together with end_stream when one read carried both. The filter manager counts bytes.
+    # Envoy's HTTP/1 codec framing, which plugins see in on_request_body/on_response_body: the body
+    # bytes of one read (however many chunks they hold) are one frame with end_stream=false, and the
+    # end of the message is a frame of its own, empty, with end_stream=true (a chunked body ending
+    # with its last-chunk alone likewise). A message without a body ends on its headers instead.
     def request_body(self, data: bytes) -> None:
         if self.done or self.fm is None:
             return
-        previous, self.held_request_body = self.held_request_body, data
-        if previous is not None:
-            self.fm.on_request_data(previous, False)
+        self.held_request_body = _hold(self.held_request_body, data)
 
     def request_batch_end(self) -> None:
-        previous, self.held_request_body = self.held_request_body, None
-        if previous is not None and not self.done and self.fm is not None:
-            self.fm.on_request_data(previous, False)
+        held, self.held_request_body = self.held_request_body, None
+        if held is not None and not self.done and self.fm is not None:
+            self.fm.on_request_data(held if isinstance(held, bytes) else bytes(held), False)
 
     def request_complete(self, had_body: bool, trailers: HeaderMap | None = None) -> None:
+        held, self.held_request_body = self.held_request_body, None
+        if held is not None and not self.done and self.fm is not None:
+            self.fm.on_request_data(held if isinstance(held, bytes) else bytes(held), False)
+        # Complete only from the end frame on: a reply sent while the last bytes were still being
+        # delivered (a 413 from the buffer limit) closes the connection, as under Envoy.
         self.request_received = True
-        last, self.held_request_body = self.held_request_body, None
         if self.done or self.fm is None:
             return
         if trailers is not None:  # a chunked body's trailers end the stream, as in Envoy's codec
-            if last:
-                self.fm.on_request_data(last, False)
-            if not self.done and self.fm is not None:
-                self.fm.on_request_trailers(trailers)
+            self.fm.on_request_trailers(trailers)
         elif had_body:
-            self.fm.on_request_data(last or b"", True)
+            self.fm.on_request_data(b"", True)
 
     def downstream_reset(self) -> None:
         """The client closed the connection before the exchange ended."""
@@ -418,37 +421,38 @@ class ProxyExchange:
         self.fm.on_response_headers(headers, False)
 
     def on_response_body(self, data: bytes) -> None:
-        # The newest chunk is held until we know whether the same read also ended the response,
-        # so the chain sees (last chunk, end_stream=True) in one call as Envoy's codec delivers it.
+        # Framed as request bodies are (see request_body): one frame per read, then an empty end.
         if self.done or self.fm is None:
             return
-        previous, self.held_body = self.held_body, data
-        if previous is not None:
-            self.fm.on_response_data(previous, False)
+        self.held_body = _hold(self.held_body, data)
 
     def on_response_batch_end(self) -> None:
-        previous, self.held_body = self.held_body, None
-        if previous is not None and not self.done and self.fm is not None:
-            self.fm.on_response_data(previous, False)
+        held, self.held_body = self.held_body, None
+        if held is not None and not self.done and self.fm is not None:
+            self.fm.on_response_data(held if isinstance(held, bytes) else bytes(held), False)
 
     def on_response_complete(self) -> None:
         trailers = self.upstream.parser.trailers if self.upstream is not None else None
         self._upstream_done(clean=True)
+        held, self.held_body = self.held_body, None
         if self.done or self.fm is None:
             return
-        held = self.held_response_headers
-        if held is not None:
+        held_headers = self.held_response_headers
+        if held_headers is not None:
             self.held_response_headers = None
-            self.fm.on_response_headers(held, True)
-        elif trailers is not None:
-            last, self.held_body = self.held_body, None
-            if last:
-                self.fm.on_response_data(last, False)
-            if not self.done and self.fm is not None:
-                self.fm.on_response_trailers(trailers)
+            self.fm.on_response_headers(held_headers, True)
+        elif trailers is not None:  # a chunked body's trailers end the stream, as in Envoy's codec
+            if held is not None:
+                self.fm.on_response_data(held if isinstance(held, bytes) else bytes(held), False)
+                if self.done or self.fm is None:
+                    return
+            self.fm.on_response_trailers(trailers)
         elif self.response_body_expected:
-            last, self.held_body = self.held_body, None
-            self.fm.on_response_data(last or b"", True)
+            if held is not None:
+                self.fm.on_response_data(held if isinstance(held, bytes) else bytes(held), False)
+                if self.done or self.fm is None:
+                    return
+            self.fm.on_response_data(b"", True)
 
     # ------------------------------------------------------------------ ExchangeSink: towards downstream
 
@@ -463,7 +467,10 @@ class ProxyExchange:
             info.response_code = int(status_raw)
         except ValueError:
             info.response_code = 502
-        keep_alive = self.keep_alive and not self.conn.draining
+        # A response that starts before the request was read whole (a local reply to a POST from
+        # on_request_headers, a 413) closes the connection, as Envoy's HTTP/1 codec does: the unread
+        # rest of the request must never be parsed as a next request.
+        keep_alive = self.keep_alive and self.request_received and not self.conn.draining
         head, framing, keep_alive = encode_response_head(
             headers,
             end_stream=end_stream,
@@ -620,6 +627,16 @@ class ProxyExchange:
             self.chain.release()
             self.chain = None
         self.conn.exchange_done(self, keep_alive and self.request_received)
+
+
+def _hold(held: bytes | bytearray | None, data: bytes) -> bytes | bytearray:
+    """``held`` with ``data`` appended: the first piece as is, later ones into one bytearray."""
+    if held is None:
+        return data
+    if type(held) is bytearray:
+        held += data
+        return held
+    return bytearray(held) + data
 
 
 def _status_of(headers: HeaderMap) -> int:

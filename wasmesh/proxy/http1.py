@@ -23,6 +23,8 @@ LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+# Envoy says RFC 9110's name where Python's table still has RFC 7231's (observed with Envoy 1.40).
+_REASONS[413] = b"Payload Too Large"
 
 
 def reason_phrase(status: int) -> bytes:
@@ -68,8 +70,8 @@ class RequestHandler(Protocol):
 class RequestParser:
     """Parses a stream of HTTP/1.x requests into ``RequestHandler`` events.
 
-    Headers come out as one ``HeaderMap`` with ``:method``, ``:path``, ``:authority``
-    (from Host; absent Host leaves it empty) and ``:scheme`` first, then the rest
+    Headers come out as one ``HeaderMap`` with ``:authority`` (from Host; absent Host leaves it
+    empty), ``:path``, ``:method`` and ``:scheme`` first (Envoy's order), then the rest
     with lower-case names; ``host`` itself is dropped as Envoy does.
     """
 
@@ -117,7 +119,8 @@ class RequestParser:
     # httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
         self._url = b""
-        self._pairs = [(b":method", b""), (b":path", b""), (b":authority", b""), (b":scheme", self._scheme)]
+        # Envoy's order for HTTP/1 requests, which plugins see in proxy_get_header_map_pairs.
+        self._pairs = [(b":authority", b""), (b":path", b""), (b":method", b""), (b":scheme", self._scheme)]
         self._has_body = False
         self._host_seen = False
         self._size = 0
@@ -142,7 +145,7 @@ class RequestParser:
             if self._host_seen:
                 raise self._reject("multiple Host headers")
             self._host_seen = True
-            self._pairs[2] = (b":authority", value)
+            self._pairs[0] = (b":authority", value)
             return
         if lname == b"content-length" or lname == b"transfer-encoding":
             self._has_body = True  # refined below; a zero length means no body
@@ -160,9 +163,9 @@ class RequestParser:
             parsed = httptools.parse_url(url)
             if parsed.host:
                 host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-                self._pairs[2] = (b":authority", host)
+                self._pairs[0] = (b":authority", host)
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        self._pairs[0] = (b":method", p.get_method())
+        self._pairs[2] = (b":method", p.get_method())
         self._pairs[1] = (b":path", url)
         http10 = p.get_http_version() == "1.0"
         self._trailer_pairs = []

@@ -159,10 +159,13 @@ class RuntimeChainBuilder:
             from wasmesh.agent.options import CacheOptions
 
             insecure = frozenset(self._cache_config.insecure_registries)
+            allowed = tuple(Path(d) for d in self._cache_config.allowed_file_dirs)
             options = (
-                CacheOptions(dir=Path(self._cache_config.dir), insecure_registries=insecure)
+                CacheOptions(
+                    dir=Path(self._cache_config.dir), insecure_registries=insecure, allowed_file_dirs=allowed
+                )
                 if self._cache_config.dir is not None
-                else CacheOptions(insecure_registries=insecure)
+                else CacheOptions(insecure_registries=insecure, allowed_file_dirs=allowed)
             )
             self._module_cache = ModuleCache(options)
         return self._module_cache
@@ -225,8 +228,9 @@ class WasmChainBuilder(RuntimeChainBuilder):
         url = plugin.normalized_url
         where = f"{plugin.source_file}: " if plugin.source_file else ""
         try:
-            if url.startswith("file://") and not plugin.sha256:
-                # Local development loop: read the file directly (no cache copy needed).
+            if url.startswith("file://") and not plugin.sha256 and not self._cache_config.allowed_file_dirs:
+                # Local development loop: read the file directly (no cache copy needed). With
+                # cache.allowed_file_dirs the fetcher reads it, so the directory check applies.
                 return await asyncio.to_thread(Path(url[len("file://") :]).read_bytes)
             path = await self.module_cache().get(
                 url,

@@ -912,11 +912,16 @@ class XdsOptions:
     namespace: str = "default"
     cache_dir: str | None = None
     insecure_registries: tuple[str, ...] = ()  # --insecure-registry and WASM_INSECURE_REGISTRIES
+    allowed_file_dirs: tuple[str, ...] = ()  # --allowed-file-dir
     wasm_limits: WasmLimits = field(default_factory=WasmLimits)
     tls: XdsTlsOptions | None = None  # None: plain-text xDS (--plaintext)
 
     def proxy(self, *, reuse_port: bool = False, worker_id: int = 0) -> XdsProxy:
-        cache = CacheConfig(dir=self.cache_dir, insecure_registries=self.insecure_registries)
+        cache = CacheConfig(
+            dir=self.cache_dir,
+            insecure_registries=self.insecure_registries,
+            allowed_file_dirs=self.allowed_file_dirs,
+        )
         return XdsProxy(
             self.target,
             self.node_id,

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,7 @@ from typing import Any
 from wasmesh.testing.wasm_exports import envoy_compatible_abi
 
 __all__ = ["EnvoyWasmPlugin", "EnvoyResponse", "EnvoyRunner", "EnvoyError", "envoy_binary", "free_port",
-           "envoy_bootstrap"]
+           "envoy_bootstrap", "http1_exchange", "http1_request"]
 
 UPSTREAM_CLUSTER = "upstream"
 _TYPE_PREFIX = "type.googleapis.com/envoy.extensions"
@@ -114,6 +114,59 @@ def _read_response(stream: Any, method: str) -> EnvoyResponse:
     else:
         body = stream.read()
     return EnvoyResponse(status, headers, body, trailers)
+
+
+def http1_exchange(
+    port: int,
+    pieces: Sequence[bytes],
+    method: str = "GET",
+    *,
+    delay_s: float = 0.0,
+    between: Callable[[int], None] | None = None,
+    timeout_s: float = 15.0,
+) -> EnvoyResponse:
+    """Send ``pieces`` to 127.0.0.1:``port`` and read one response to a ``method`` request.
+
+    Between two pieces the client waits ``delay_s`` and calls ``between(index of the piece sent)``
+    (e.g. to wait until the upstream got it), so each piece reaches the proxy in its own read.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for index, piece in enumerate(pieces):
+            if index:
+                if delay_s:
+                    time.sleep(delay_s)
+                if between is not None:
+                    between(index - 1)
+            sock.sendall(piece)
+        return _read_response(sock.makefile("rb"), method)
+
+
+def http1_request(
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    headers: Sequence[tuple[str, str]] | Mapping[str, str] = (),
+    body: bytes = b"",
+    timeout_s: float = 15.0,
+    trailers: Sequence[tuple[str, str]] = (),
+) -> EnvoyResponse:
+    """One request to any HTTP/1.1 proxy on 127.0.0.1:``port``, framed as ``EnvoyRunner.request`` does."""
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    names = {k.lower() for k, _ in pairs}
+    if "host" not in names:
+        pairs.insert(0, ("host", "example.com"))
+    if trailers:
+        pairs.append(("transfer-encoding", "chunked"))
+        payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n"
+        payload += "".join(f"{k}: {v}\r\n" for k, v in trailers).encode("latin-1") + b"\r\n"
+    else:
+        payload = body
+        framed = "content-length" in names or "transfer-encoding" in names
+        if not framed and (body or method in ("POST", "PUT", "PATCH")):
+            pairs.append(("content-length", str(len(body))))
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs) + "\r\n"
+    return http1_exchange(port, [head.encode("latin-1") + payload], method, timeout_s=timeout_s)
 
 
 def _wasm_filter(plugin: EnvoyWasmPlugin, filename: str, index: int) -> dict[str, Any]:
@@ -333,23 +386,7 @@ class EnvoyRunner:
 
         With ``trailers`` the body goes chunked, followed by the trailers.
         """
-        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
-        names = {k.lower() for k, _ in pairs}
-        if "host" not in names:
-            pairs.insert(0, ("host", "example.com"))
-        if trailers:
-            pairs.append(("transfer-encoding", "chunked"))
-            payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n"
-            payload += "".join(f"{k}: {v}\r\n" for k, v in trailers).encode("latin-1") + b"\r\n"
-        else:
-            payload = body
-            framed = "content-length" in names or "transfer-encoding" in names
-            if not framed and (body or method in ("POST", "PUT", "PATCH")):
-                pairs.append(("content-length", str(len(body))))
-        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs) + "\r\n"
-        with socket.create_connection(("127.0.0.1", self.listener_port), timeout=timeout_s) as sock:
-            sock.sendall(head.encode("latin-1") + payload)
-            return _read_response(sock.makefile("rb"), method)
+        return http1_request(self.listener_port, method, path, headers, body, timeout_s, trailers)
 
     def admin_get(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as answer:
