@@ -58,12 +58,14 @@ def test_pull_from_a_registry_that_needs_the_flag(
 
 def test_agent_flag_spellings_and_environment_add_up(tmp_path: Path) -> None:
     args = build_parser().parse_args(
-        ["agent", "--xds", "127.0.0.1:15010", "--cache-dir", str(tmp_path),
+        ["agent", "--xds", "127.0.0.1:15010", "--plaintext", "--cache-dir", str(tmp_path),
          "--insecure-registry", "a:5000,b", "--insecure-registries", "c", "--insecure-registry", "d"]
     )  # fmt: skip
     options = build_options(args, {"WASM_INSECURE_REGISTRIES": "e, f:1"})
     assert options.cache.insecure_registries == frozenset({"a:5000", "b", "c", "d", "e", "f:1"})
-    only_env = build_parser().parse_args(["agent", "--xds", "127.0.0.1:15010", "--cache-dir", str(tmp_path)])
+    only_env = build_parser().parse_args(
+        ["agent", "--xds", "127.0.0.1:15010", "--plaintext", "--cache-dir", str(tmp_path)]
+    )
     star = build_options(only_env, {"WASM_INSECURE_REGISTRIES": "*"}).cache
     assert star.insecure_registries == frozenset({"*"})
     assert star.allow_insecure("any.registry.io:443") is True
@@ -72,7 +74,7 @@ def test_agent_flag_spellings_and_environment_add_up(tmp_path: Path) -> None:
 
 def test_proxy_xds_flag_spellings_and_environment_add_up() -> None:
     args = build_parser().parse_args(
-        ["proxy", "--xds", "127.0.0.1:15010", "--node-id", "web-1",
+        ["proxy", "--xds", "127.0.0.1:15010", "--plaintext", "--node-id", "web-1",
          "--insecure-registry", "a:5000,b", "--insecure-registries", "c"]
     )  # fmt: skip
     options = build_xds_options(args, {"WASM_INSECURE_REGISTRIES": "d"})
@@ -81,7 +83,9 @@ def test_proxy_xds_flag_spellings_and_environment_add_up() -> None:
     assert options.proxy().builder.module_cache().options.insecure_registries == frozenset(
         {"a:5000", "b", "c", "d"}
     )
-    bare = build_parser().parse_args(["proxy", "--xds", "127.0.0.1:15010", "--node-id", "web-1"])
+    bare = build_parser().parse_args(
+        ["proxy", "--xds", "127.0.0.1:15010", "--plaintext", "--node-id", "web-1"]
+    )
     assert build_xds_options(bare, {"WASM_INSECURE_REGISTRIES": "*"}).insecure_registries == ("*",)
     assert build_xds_options(bare, {}).insecure_registries == ()
 

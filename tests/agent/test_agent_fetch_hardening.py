@@ -90,7 +90,9 @@ def test_agent_pull_and_proxy_read_the_environment_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocked = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
-    args = build_parser().parse_args(["agent", "--xds", "127.0.0.1:15010", "--cache-dir", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["agent", "--xds", "127.0.0.1:15010", "--plaintext", "--cache-dir", str(tmp_path)]
+    )
     assert build_options(args, {BLOCKED_CIDRS_ENV: "10.0.0.0/8,fd00::/8"}).cache.blocked_cidrs == blocked
     assert build_options(args, {}).cache.blocked_cidrs == ()
     with pytest.raises(ValueError) as caught:
@@ -98,7 +100,9 @@ def test_agent_pull_and_proxy_read_the_environment_variable(
     assert str(caught.value).startswith("BLOCKED_CIDRS_IN_WASM_FETCH: invalid CIDR '10.0.0.300/8'")
     # The proxy builds its module cache from CacheOptions(), which reads the process environment.
     monkeypatch.setenv(BLOCKED_CIDRS_ENV, "10.0.0.0/8,fd00::/8")
-    bare = build_parser().parse_args(["proxy", "--xds", "127.0.0.1:15010", "--node-id", "web-1"])
+    bare = build_parser().parse_args(
+        ["proxy", "--xds", "127.0.0.1:15010", "--plaintext", "--node-id", "web-1"]
+    )
     proxy_cache = build_xds_options(bare, {}).proxy().builder.module_cache()
     assert proxy_cache.options.blocked_cidrs == blocked
 
@@ -484,7 +488,8 @@ def test_pull_and_agent_take_the_allowed_file_dir_flag(
     assert main([*argv, "--allowed-file-dir", str(allowed), "--allowed-file-dir", str(tmp_path)]) == 0
     assert (tmp_path / "out.wasm").read_bytes() == tiny_wasm("pull-file")
     args = build_parser().parse_args(
-        ["agent", "--xds", "127.0.0.1:15010", "--allowed-file-dir", "/a", "--allowed-file-dir", "/b"]
+        ["agent", "--xds", "127.0.0.1:15010", "--plaintext",
+         "--allowed-file-dir", "/a", "--allowed-file-dir", "/b"]  # fmt: skip
     )
     assert build_options(args, {}).cache.allowed_file_dirs == (Path("/a"), Path("/b"))
 
@@ -493,7 +498,8 @@ def test_proxy_takes_allowed_file_dirs_from_its_flag_and_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = build_parser().parse_args(
-        ["proxy", "--xds", "127.0.0.1:15010", "--node-id", "web-1", "--allowed-file-dir", "/srv/wasm"]
+        ["proxy", "--xds", "127.0.0.1:15010", "--plaintext", "--node-id", "web-1",
+         "--allowed-file-dir", "/srv/wasm"]  # fmt: skip
     )
     cache = build_xds_options(args, {}).proxy().builder.module_cache()
     assert cache.options.allowed_file_dirs == (Path("/srv/wasm"),)

@@ -82,7 +82,8 @@ def test_proxy_exits_promptly_on_sigterm_while_a_fetch_is_stalled(tmp_path: Path
     plane = runner.start()
     log_path = tmp_path / "proxy.log"
     process = wasmesh_process(
-        ["proxy", "--xds", f"127.0.0.1:{plane.xds_port}", "--node-id", "web-1", "--labels", "app=web",
+        ["proxy", "--xds", f"127.0.0.1:{plane.xds_port}",
+         "--plaintext", "--node-id", "web-1", "--labels", "app=web",
          "--cache-dir", str(tmp_path / "cache")],
         log_path,
     )  # fmt: skip
@@ -112,7 +113,8 @@ def test_agent_exits_cleanly_on_sigterm_while_a_fetch_is_stalled(tmp_path: Path)
     agent_port, metrics_port = free_port(), free_port()
     agent_log = tmp_path / "agent.log"
     agent = wasmesh_process(
-        ["agent", "--xds", f"127.0.0.1:{plane.xds_port}", "--listen", f"127.0.0.1:{agent_port}",
+        ["agent", "--xds", f"127.0.0.1:{plane.xds_port}",
+         "--plaintext", "--listen", f"127.0.0.1:{agent_port}",
          "--metrics-port", str(metrics_port), "--cache-dir", str(tmp_path / "cache")],
         agent_log,
     )  # fmt: skip
@@ -122,7 +124,8 @@ def test_agent_exits_cleanly_on_sigterm_while_a_fetch_is_stalled(tmp_path: Path)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/ready", timeout=10) as response:
             assert response.status == 200
         client = wasmesh_process(
-            ["proxy", "--xds", f"127.0.0.1:{agent_port}", "--node-id", "web-1", "--labels", "app=web",
+            ["proxy", "--xds", f"127.0.0.1:{agent_port}",
+             "--plaintext", "--node-id", "web-1", "--labels", "app=web",
              "--cache-dir", str(tmp_path / "proxy-cache")],
             tmp_path / "proxy.log",
         )  # fmt: skip

@@ -17,7 +17,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_options_from_flags_and_istio_environment(tmp_path: Path) -> None:
     args = parse(
-        "--xds", "127.0.0.1:15010", "--listen", "127.0.0.1:15011", "--metrics-port", "0",
+        "--xds", "127.0.0.1:15010", "--plaintext", "--listen", "127.0.0.1:15011", "--metrics-port", "0",
         "--cache-dir", str(tmp_path), "--insecure-registries", "a:5000,b", "--insecure-registries", "c",
     )  # fmt: skip
     env = {"WASM_MODULE_EXPIRY": "2h", "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION": "false"}
@@ -32,7 +32,8 @@ def test_options_from_flags_and_istio_environment(tmp_path: Path) -> None:
     assert options.cache.insecure_registries == frozenset({"a:5000", "b", "c"})
     assert options.cache.module_expiry_s == 7200
     assert options.conversion_enabled is False
-    assert build_options(parse("--xds", "cp:1", "--metrics-port", "-1"), {}).metrics_port is None
+    plain = parse("--xds", "127.0.0.1:1", "--plaintext", "--metrics-port", "-1")
+    assert build_options(plain, {}).metrics_port is None
 
 
 @pytest.mark.parametrize(
@@ -55,5 +56,5 @@ def test_bad_input_is_a_one_line_error(argv: tuple[str, ...], env: dict[str, str
 
 
 def test_cli_exit_code_on_bad_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["agent", "--xds", "nohost", "--metrics-port", "-1"]) == 2
+    assert main(["agent", "--xds", "nohost", "--plaintext", "--metrics-port", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --xds: expected HOST:PORT, got 'nohost'"

@@ -88,7 +88,7 @@ class Stack:
         self.cache_dir = workdir / "cache"
         self.agent_log = (workdir / "agent.log").open("wb")
         self.agent = subprocess.Popen(
-            [sys.executable, "-m", "wasmesh", "agent", "--xds", f"127.0.0.1:{cp.xds_port}",
+            [sys.executable, "-m", "wasmesh", "agent", "--xds", f"127.0.0.1:{cp.xds_port}", "--plaintext",
              "--listen", f"127.0.0.1:{self.agent_port}", "--metrics-port", str(self.agent_metrics_port),
              "--cache-dir", str(self.cache_dir), "--insecure-registries", "*"],
             stdout=self.agent_log, stderr=subprocess.STDOUT,

@@ -236,6 +236,8 @@ class ControlPlaneProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         command = [sys.executable, "-m", "wasmesh", "control-plane", "--api-port", str(self.api_port)]
+        if "--state-dir" not in extra_args:  # no CA given: the plain-text mode, on loopback
+            command.append("--plaintext")
         self.process = subprocess.Popen(
             [*command, "--xds-port", str(self.xds_port), "--log-level", "info", *extra_args],
             stdout=self._log,

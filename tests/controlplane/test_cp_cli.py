@@ -130,7 +130,7 @@ def test_control_plane_command_as_a_process(tmp_path: Path) -> None:
     (tmp_path / "plugin.yaml").write_text(plugin_yaml("from-dir", "file:///p.wasm", priority=3))
     api_port, xds_port = free_port(), free_port()
     server = f"http://127.0.0.1:{api_port}"
-    command = [sys.executable, "-m", "wasmesh", "control-plane", "--config-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "wasmesh", "control-plane", "--plaintext", "--config-dir", str(tmp_path)]
     process = subprocess.Popen(
         [*command, "--api-port", str(api_port), "--xds-port", str(xds_port), "--log-level", "warning"],
         stdout=subprocess.PIPE,

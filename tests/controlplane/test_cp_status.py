@@ -111,7 +111,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, echo_port: int) -> Iterator[M
             _spawn(
                 workdir,
                 "agent",
-                [*python, "agent", "--xds", f"127.0.0.1:{plane.xds_port}",
+                [*python, "agent", "--xds", f"127.0.0.1:{plane.xds_port}", "--plaintext",
                  "--listen", f"127.0.0.1:{agent_port}", "--metrics-port", str(free_port()),
                  "--cache-dir", str(workdir / "agent-cache"), "--insecure-registries", "*"],
             )
@@ -138,7 +138,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, echo_port: int) -> Iterator[M
                 ],
             )
         )
-        xds = ["--xds", f"127.0.0.1:{plane.xds_port}", "--labels", "app=web"]
+        xds = ["--xds", f"127.0.0.1:{plane.xds_port}", "--plaintext", "--labels", "app=web"]
         mesh.processes.append(
             _spawn(
                 workdir,

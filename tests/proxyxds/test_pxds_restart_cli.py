@@ -73,6 +73,7 @@ def test_wasmesh_proxy_xds_subprocess_serves_example_plugin(
                 "proxy",
                 "--xds",
                 f"127.0.0.1:{plane.xds_port}",
+                "--plaintext",
                 "--node-id",
                 "gw-1",
                 "--labels",

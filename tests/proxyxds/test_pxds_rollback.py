@@ -163,6 +163,7 @@ def test_wasmesh_proxy_xds_process_rolls_back_a_failed_listener_update(
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "wasmesh", "proxy", "--xds", f"127.0.0.1:{control_plane.xds_port}",
+             "--plaintext",
              "--node-id", "web-1", "--labels", "app=web", "--admin", f"127.0.0.1:{admin_port}"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

@@ -25,7 +25,8 @@ class UpProcess:
         self.output: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wasmesh", "up", "--examples", str(examples),
-             "--gateway-port", "0", "--admin-port", "0", "--xds-port", "0", "--api-port", "0"],
+             "--gateway-port", "0", "--admin-port", "0", "--xds-port", "0", "--api-port", "0",
+             "--ca-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -138,6 +139,15 @@ def test_every_plugin_is_ready_on_the_proxy_it_selects(mesh: tuple[UpProcess, in
     ]
     gateway = wasmesh("describe", "wasmplugin", "basic-auth", "-n", "istio-system", "--server", api_server)
     assert "    ingressgateway-" in gateway.stdout and " istio-system   ACK " in gateway.stdout
+
+
+def test_every_proxy_is_on_mtls_with_its_own_identity(mesh: tuple[UpProcess, int]) -> None:
+    up, _ = mesh
+    output = "".join(up.output)
+    assert "xDS (ADS) listening on 127.0.0.1:" in output and "(mTLS)" in output
+    for identity in ("istio-system/sa/ingressgateway", "default/sa/httpbin", "default/sa/productpage"):
+        up.wait_for(rf"CA: issued a certificate for spiffe://cluster\.local/ns/{re.escape(identity)} ", 30)
+    assert "ADS: refused node" not in output
 
 
 def test_basic_auth_tour_is_never_rate_limited(mesh: tuple[UpProcess, int]) -> None:

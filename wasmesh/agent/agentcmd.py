@@ -19,6 +19,7 @@ from wasmesh.agent.options import (
     insecure_registries_from,
 )
 from wasmesh.agent.xdsproxy import AgentOptions, AgentServer
+from wasmesh.security.workload import XdsTlsOptions, add_xds_tls_flags, is_loopback, xds_tls_from_args
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,19 @@ def build_options(args: argparse.Namespace, env: Mapping[str, str]) -> AgentOpti
         metrics_port=metrics_port,
         cache=cache,
         conversion_enabled=conversion_enabled(env),
+        tls=_tls(args),
     )
+
+
+def _tls(args: argparse.Namespace) -> XdsTlsOptions | None:
+    """The agent's own identity: the Workload/Gateway its Envoy serves (--namespace, --name)."""
+    if not args.plaintext and not args.name:
+        raise ValueError("--name: required for mTLS xDS (the Workload/Gateway this Envoy serves)")
+    listen_host, _ = split_host_port(args.listen, "--listen")
+    if not args.plaintext and not is_loopback(listen_host):
+        # Whoever reaches --listen is served as this identity: keep it local to the Envoy.
+        raise ValueError(f"--listen {args.listen}: must be a loopback address (it speaks as --name)")
+    return xds_tls_from_args(args, args.xds, args.namespace, args.name or "")
 
 
 def run_agent(args: argparse.Namespace) -> int:
@@ -131,5 +144,8 @@ def register(subparsers: Any) -> None:
     )
     add_insecure_registry_flag(parser)
     add_allowed_file_dir_flag(parser)
+    parser.add_argument("--namespace", default="default", help="namespace of this agent's identity")
+    parser.add_argument("--name", help="the Workload/Gateway (identity name) this agent's Envoy serves")
+    add_xds_tls_flags(parser)
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(handler=run_agent)

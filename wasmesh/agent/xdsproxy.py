@@ -31,6 +31,7 @@ from wasmesh.agent.cache import ModuleCache
 from wasmesh.agent.convert import ConversionError, EcdsConverter
 from wasmesh.agent.metrics import AgentMetrics
 from wasmesh.agent.options import CacheOptions
+from wasmesh.security.workload import WorkloadCertificates, XdsTlsOptions, stop_task
 from wasmesh.xds import types
 from wasmesh.xds.server import FETCH_FAILURE_CODE
 
@@ -201,16 +202,28 @@ class _ProxiedStream:
 class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """ADS server for Envoy that proxies every stream to ``upstream`` (``HOST:PORT``)."""
 
-    def __init__(self, upstream: str, converter: EcdsConverter) -> None:
+    def __init__(
+        self, upstream: str, converter: EcdsConverter, certificates: WorkloadCertificates | None = None
+    ) -> None:
+        """`certificates`: talk mTLS upstream with this workload certificate (Envoy talks to us
+        locally, as Envoy talks to istio-agent over a UDS); None: plain text upstream."""
         self.upstream = upstream
         self.converter = converter
+        self.certificates = certificates
         self.active_streams = 0
         self._channel: grpc.aio.Channel | None = None
+        self._channel_rotation = -1
+        # Channels of earlier certificates: streams opened on them keep running; closed on stop.
+        self._retired: list[grpc.aio.Channel] = []
+        self._rotation: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen for Envoy; returns the bound port."""
-        self._channel = grpc.aio.insecure_channel(self.upstream, options=list(_GRPC_OPTIONS))
+        if self.certificates is None:
+            self._channel = grpc.aio.insecure_channel(self.upstream, options=list(_GRPC_OPTIONS))
+        else:
+            self._rotation = asyncio.create_task(self.certificates.run_rotation(), name="workload-cert")
         self._server = grpc.aio.server(options=list(_GRPC_OPTIONS))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
         bound = int(self._server.add_insecure_port(f"{host}:{port}"))
@@ -222,17 +235,38 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore
     async def stop(self, grace: float | None = 0.5) -> None:
         if self._server is not None:
             await self._server.stop(grace)
-        if self._channel is not None:
-            await self._channel.close()
+        await stop_task(self._rotation)
+        for channel in [*self._retired, *([self._channel] if self._channel is not None else [])]:
+            await channel.close()
+
+    async def _upstream_channel(self) -> grpc.aio.Channel:
+        """The channel for a new upstream stream: over mTLS, with the current certificate."""
+        certificates = self.certificates
+        if certificates is None:
+            assert self._channel is not None, "XdsProxy.start() was not awaited"
+            return self._channel
+        await certificates.ensure()
+        if self._channel is None or self._channel_rotation != certificates.rotations:
+            if self._channel is not None:
+                self._retired.append(self._channel)
+            self._channel = await certificates.channel(self.upstream)
+            self._channel_rotation = certificates.rotations
+        return self._channel
 
     async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        assert self._channel is not None, "XdsProxy.start() was not awaited"
         peer = str(context.peer())
-        stream = _ProxiedStream(self._channel, self.converter, request_iterator, peer)
+        try:
+            channel = await self._upstream_channel()
+        except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.warning("xDS proxy %s: no workload certificate: %s", peer, detail)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent: no workload certificate: {detail}")
+            raise  # not reached: abort raises
+        stream = _ProxiedStream(channel, self.converter, request_iterator, peer)
         self.active_streams += 1
         log.info("xDS proxy: Envoy connected from %s, opened upstream stream to %s", peer, self.upstream)
         try:
@@ -267,6 +301,7 @@ class AgentOptions:
     metrics_port: int | None = 15020  # None: no metrics/readiness server
     cache: CacheOptions = field(default_factory=CacheOptions)
     conversion_enabled: bool = True
+    tls: XdsTlsOptions | None = None  # None: plain text to the control plane (--plaintext)
 
 
 class AgentServer:
@@ -277,7 +312,9 @@ class AgentServer:
         self.metrics = AgentMetrics()
         self.cache = ModuleCache(options.cache, self.metrics)
         self.converter = EcdsConverter(self.cache, self.metrics, enabled=options.conversion_enabled)
-        self.proxy = XdsProxy(options.upstream, self.converter)
+        tls = options.tls
+        certificates = WorkloadCertificates(tls, options.upstream) if tls is not None else None
+        self.proxy = XdsProxy(options.upstream, self.converter, certificates)
         self.xds_port = 0
         self.metrics_port = 0
         self.ready = False

@@ -4,12 +4,53 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from wasmesh.security.ca import CONTROL_PLANE_SERVER_NAME
+
 XDS_CLUSTER = "xds-grpc"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+UPSTREAM_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+@dataclass(frozen=True)
+class BootstrapTls:
+    """Files Envoy reads for mTLS straight to the control plane (no agent in between).
+
+    Envoy reads them at start; to rotate, rewrite them and restart Envoy — or run Envoy behind
+    `wasmesh agent`, which holds and rotates the certificate itself (Istio's shape)."""
+
+    root_cert: str  # the mesh root CA (ca-cert.pem)
+    cert: str  # the workload certificate (`wasmesh control-plane cert create`)
+    key: str
+    server_name: str = CONTROL_PLANE_SERVER_NAME
+
+
+def tls_transport_socket(tls: BootstrapTls) -> dict[str, Any]:
+    """The xds-grpc cluster's transport socket: our certificate, and the control plane's verified
+    against the mesh root and its DNS SAN (the name istiod's serving certificate carries)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"type.googleapis.com/{UPSTREAM_TLS_CONTEXT}",
+            "sni": tls.server_name,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": tls.cert}, "private_key": {"filename": tls.key}}
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": tls.root_cert},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": tls.server_name}}
+                    ],
+                },
+            },
+        },
+    }
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -46,12 +87,15 @@ def build_bootstrap(
     namespace: str = "default",
     admin_port: int = 15000,
     workload_name: str | None = None,
+    tls: BootstrapTls | None = None,
 ) -> dict[str, Any]:
+    """`tls`: talk mTLS to `xds_host:xds_port` (the control plane); None: plain text (the agent
+    on loopback, or a --plaintext control plane)."""
     metadata: dict[str, Any] = {"LABELS": dict(labels), "NAMESPACE": namespace}
     if workload_name:
         metadata["WORKLOAD_NAME"] = workload_name
     ads_source = {"ads": {}, "resource_api_version": "V3"}
-    return {
+    bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": namespace, "metadata": metadata},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
@@ -99,6 +143,9 @@ def build_bootstrap(
             ]
         },
     }
+    if tls is not None:
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls_transport_socket(tls)
+    return bootstrap
 
 
 class _PlainDumper(yaml.SafeDumper):

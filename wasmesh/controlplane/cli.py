@@ -19,8 +19,21 @@ import yaml
 
 from wasmesh.api.load import expand_paths
 from wasmesh.controlplane.bootstrap import build_bootstrap, parse_labels, render_bootstrap, split_host_port
-from wasmesh.controlplane.server import DEFAULT_API_PORT, DEFAULT_XDS_PORT, ControlPlane, ControlPlaneOptions
+from wasmesh.controlplane.security_cli import (
+    add_bootstrap_tls_flags,
+    add_security_commands,
+    bootstrap_tls,
+    security_options,
+)
+from wasmesh.controlplane.server import (
+    DEFAULT_API_PORT,
+    DEFAULT_SECURE_XDS_PORT,
+    DEFAULT_XDS_PORT,
+    ControlPlane,
+    ControlPlaneOptions,
+)
 from wasmesh.controlplane.store import canonical_kind
+from wasmesh.security.ca import CaError
 
 SERVER_ENV = "WASMESH_CONTROL_PLANE"
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_API_PORT}"
@@ -30,12 +43,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve = subparsers.add_parser("control-plane", help="serve WasmPlugins and workloads over xDS")
     serve.add_argument("--config-dir", type=Path, help="directory of YAML/JSON resources to watch")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--xds-port", type=int, default=DEFAULT_XDS_PORT)
+    serve.add_argument(
+        "--xds-port",
+        type=int,
+        help=f"xDS port (default {DEFAULT_SECURE_XDS_PORT}, mTLS; {DEFAULT_XDS_PORT} with --plaintext)",
+    )
     serve.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     serve.add_argument("--root-namespace", default="istio-system")
     serve.add_argument("--debounce", type=float, default=0.1, help="push debounce quiet period, seconds")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=run_control_plane)
+    add_security_commands(serve)
 
     server_help = f"control plane API URL (env {SERVER_ENV}, default {DEFAULT_SERVER})"
     apply = subparsers.add_parser("apply", help="create or update resources on the control plane")
@@ -98,6 +116,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     boot.add_argument("--workload", help="Workload/Gateway resource name (default: the node id)")
     boot.add_argument("--admin-port", type=int, default=15000)
     boot.set_defaults(handler=run_envoy_bootstrap)
+    add_bootstrap_tls_flags(boot)
 
 
 def run_control_plane(args: argparse.Namespace) -> int:
@@ -107,15 +126,26 @@ def run_control_plane(args: argparse.Namespace) -> int:
     if args.config_dir is not None and not args.config_dir.is_dir():
         print(f"--config-dir: {args.config_dir}: not a directory", file=sys.stderr)
         return 2
+    try:
+        security = security_options(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    default_port = DEFAULT_XDS_PORT if security is None else DEFAULT_SECURE_XDS_PORT
     options = ControlPlaneOptions(
         config_dir=args.config_dir,
         host=args.host,
-        xds_port=args.xds_port,
+        security=security,
+        xds_port=args.xds_port if args.xds_port is not None else default_port,
         api_port=args.api_port,
         root_namespace=args.root_namespace,
         debounce_after=args.debounce,
     )
-    asyncio.run(ControlPlane(options).serve_forever())
+    try:
+        asyncio.run(ControlPlane(options).serve_forever())
+    except (OSError, CaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -559,11 +589,12 @@ def run_envoy_bootstrap(args: argparse.Namespace) -> int:
     try:
         host, port = split_host_port(args.xds)
         labels = parse_labels(args.labels)
+        tls = bootstrap_tls(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bootstrap = build_bootstrap(
-        host, port, args.node_id, labels, args.namespace, args.admin_port, args.workload
+        host, port, args.node_id, labels, args.namespace, args.admin_port, args.workload, tls
     )
     print(render_bootstrap(bootstrap), end="")
     return 0

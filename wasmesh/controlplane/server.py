@@ -4,24 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from wasmesh.controlplane.generator import MeshSnapshotGenerator
 from wasmesh.controlplane.httpapi import ApiHandler, serve_http
 from wasmesh.controlplane.status import PluginStatus
 from wasmesh.controlplane.store import ConfigStore
 from wasmesh.controlplane.watcher import DirectoryWatcher
+from wasmesh.security.ca import (
+    DEFAULT_CA_PORT,
+    DEFAULT_TRUST_DOMAIN,
+    DEFAULT_WORKLOAD_TTL,
+    CertificateAuthority,
+)
+from wasmesh.security.certservice import CertificateService, peer_identity
+from wasmesh.security.tokens import identity_for_token
+from wasmesh.security.workload import is_loopback
 from wasmesh.xds.metrics import XdsMetrics
 from wasmesh.xds.server import DEFAULT_DEBOUNCE_AFTER, AdsServer
+from wasmesh.xds.snapshot import ProxyNode
 
 log = logging.getLogger("wasmesh.controlplane")
 
 DEFAULT_XDS_PORT = 15010  # istiod's plaintext xDS port
+DEFAULT_SECURE_XDS_PORT = 15012  # istiod's mTLS xDS (and CA) port
 DEFAULT_API_PORT = 15014  # istiod's monitoring port
+
+
+@dataclass(frozen=True)
+class XdsSecurityOptions:
+    """mTLS xDS with the built-in CA. The root lives in `state_dir` (generated on first start)
+    unless `ca_cert`/`ca_key` are given; bootstrap tokens are read from `state_dir`/tokens."""
+
+    state_dir: Path
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    ca_port: int = DEFAULT_CA_PORT
+    workload_ttl: float = DEFAULT_WORKLOAD_TTL
 
 
 @dataclass
@@ -33,6 +61,9 @@ class ControlPlaneOptions:
     root_namespace: str = "istio-system"
     debounce_after: float = DEFAULT_DEBOUNCE_AFTER
     poll_interval: float = 0.1
+    # None: plain-text xDS (only on a loopback host; proxies are not authenticated and never get
+    # pull secrets). The `wasmesh control-plane` command sets it unless given --plaintext.
+    security: XdsSecurityOptions | None = None
 
 
 class ControlPlane:
@@ -42,8 +73,16 @@ class ControlPlane:
         self.options = options
         self.metrics = XdsMetrics()
         self.store = ConfigStore(options.root_namespace)
-        self.generator = MeshSnapshotGenerator(self.store)
-        self.ads = AdsServer(self.generator, self.metrics, debounce_after=options.debounce_after)
+        self.generator = MeshSnapshotGenerator(self.store, secrets_need_identity=True)
+        self.ca: CertificateAuthority | None = None
+        self.ads = AdsServer(
+            self.generator,
+            self.metrics,
+            debounce_after=options.debounce_after,
+            authenticate=self._authenticate if options.security is not None else None,
+        )
+        self.ca_port = 0
+        self._ca_server: grpc.aio.Server | None = None
         self.status = PluginStatus(self.ads, self.generator)
         self.ads.proxy_warnings = self.status.proxy_warnings
         self.watcher: DirectoryWatcher | None = None
@@ -72,7 +111,7 @@ class ControlPlane:
         self.store.subscribe(on_store_change)
         if self.watcher is not None:
             self.watcher.scan()  # serve the directory's content from the first connection on
-        self.xds_port = await self.ads.start(self.options.host, self.options.xds_port)
+        await self._start_xds()
         handler = ApiHandler(
             self.store, self.metrics, self.ads.describe, plugin_status=self.status, ready=lambda: self.serving
         )
@@ -90,8 +129,59 @@ class ControlPlane:
             self.options.root_namespace,
         )
 
+    async def _start_xds(self) -> None:
+        security = self.options.security
+        host = self.options.host
+        if security is None:
+            if not is_loopback(host):
+                raise OSError(f"--host {host}: plain-text xDS is only served on a loopback address")
+            self.xds_port = await self.ads.start(host, self.options.xds_port)
+            return
+        if security.ca_cert is not None and security.ca_key is not None:
+            self.ca = CertificateAuthority.load(security.ca_cert, security.ca_key, security.trust_domain)
+        else:
+            self.ca = CertificateAuthority.load_or_create(security.state_dir, security.trust_domain)
+        ca = self.ca
+        server_cert, server_key = ca.issue_server([host, "127.0.0.1", "::1"])
+        pair = [(server_key, server_cert)]
+        mtls = grpc.ssl_server_credentials(pair, root_certificates=ca.root_pem, require_client_auth=True)
+        renewal = CertificateService(ca, None, security.workload_ttl, by_certificate=True)
+        self.xds_port = await self.ads.start(host, self.options.xds_port, mtls, [renewal.handler()])
+
+        def verify_token(token: str) -> Any:
+            return identity_for_token(security.state_dir, token, ca.trust_domain)
+
+        issuing = CertificateService(ca, verify_token, security.workload_ttl, by_certificate=False)
+        self._ca_server = grpc.aio.server()
+        self._ca_server.add_generic_rpc_handlers((issuing.handler(),))
+        self.ca_port = self._ca_server.add_secure_port(
+            f"{host}:{security.ca_port}", grpc.ssl_server_credentials(pair)
+        )
+        if self.ca_port == 0:
+            raise OSError(f"CA: cannot listen on {host}:{security.ca_port}")
+        await self._ca_server.start()
+        log.info("CA: certificates on %s:%d (trust domain %s)", host, self.ca_port, ca.trust_domain)
+
+    def _authenticate(self, proxy: ProxyNode, context: grpc.aio.ServicerContext[Any, Any]) -> ProxyNode:
+        """The node must be the workload its certificate names (namespace and Workload/Gateway name)."""
+        assert self.ca is not None
+        identity = peer_identity(context)
+        if identity is None:
+            raise PermissionError("the client certificate carries no SPIFFE identity")
+        if identity.trust_domain != self.ca.trust_domain:
+            raise PermissionError(f"identity {identity.uri} is not in trust domain {self.ca.trust_domain}")
+        if (identity.namespace, identity.name) != (proxy.namespace, proxy.workload_name):
+            raise PermissionError(
+                f"identity {identity.uri} may not act as namespace {proxy.namespace} "
+                f"workload {proxy.workload_name}"
+            )
+        return dataclasses.replace(proxy, identity=identity.uri)
+
     async def stop(self) -> None:
         self.serving = False
+        if self._ca_server is not None:
+            await self._ca_server.stop(0.2)
+            self._ca_server = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

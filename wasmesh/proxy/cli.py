@@ -27,6 +27,7 @@ from wasmesh.proxy.config import (
     parse_memory_mib,
 )
 from wasmesh.proxy.workers import FileConfigSource, run_proxy
+from wasmesh.security.workload import add_xds_tls_flags, xds_tls_from_args
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -300,6 +301,7 @@ def _xds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="module cache for remote (http/oci) plugins")
     add_insecure_registry_flag(p)
     add_allowed_file_dir_flag(p)
+    add_xds_tls_flags(p)
 
 
 def _proxy_xds(args: argparse.Namespace) -> int:
@@ -336,4 +338,5 @@ def build_xds_options(args: argparse.Namespace, env: Mapping[str, str]) -> XdsOp
         insecure_registries=tuple(sorted(insecure_registries_from(args.insecure_registry, env))),
         allowed_file_dirs=tuple(args.allowed_file_dir),
         wasm_limits=wasm_limits_from_flags(args, "wasmesh proxy"),
+        tls=xds_tls_from_args(args, args.xds, args.namespace, args.node_id),
     )

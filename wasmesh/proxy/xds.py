@@ -72,6 +72,7 @@ from wasmesh.proxy.config import (
 from wasmesh.proxy.connection import Listener
 from wasmesh.proxy.plugins import RuntimeChainBuilder, one_line, vm_env
 from wasmesh.proxy.server import ProxyServer
+from wasmesh.security.workload import WorkloadCertificates, XdsTlsOptions
 from wasmesh.xds import types
 from wasmesh.xds.client import ClientSnapshot, RejectUpdate, XdsClient, build_node, http_connection_manager
 
@@ -649,7 +650,9 @@ class XdsProxy:
         drain_timeout_s: float = 10.0,
         reconnect_max: float = 2.0,
         wasm_limits: WasmLimits | None = None,
+        tls: XdsTlsOptions | None = None,
     ) -> None:
+        """`tls`: connect over mTLS with a workload certificate for tls.identity; None: plain text."""
         self.target = target
         node = build_node(node_id, labels or {}, namespace, metadata)
         self.node: dict[str, Any] = json_format.MessageToDict(node, preserving_proto_field_name=True)
@@ -682,6 +685,7 @@ class XdsProxy:
             on_update=self._on_update,
             validate=self._validate,
             reconnect_max=reconnect_max,
+            tls=WorkloadCertificates(tls, target) if tls is not None else None,
         )
         self.installed: dict[str, _Installed] = {}
         self.plan = XdsPlan()
@@ -910,6 +914,7 @@ class XdsOptions:
     insecure_registries: tuple[str, ...] = ()  # --insecure-registry and WASM_INSECURE_REGISTRIES
     allowed_file_dirs: tuple[str, ...] = ()  # --allowed-file-dir
     wasm_limits: WasmLimits = field(default_factory=WasmLimits)
+    tls: XdsTlsOptions | None = None  # None: plain-text xDS (--plaintext)
 
     def proxy(self, *, reuse_port: bool = False, worker_id: int = 0) -> XdsProxy:
         cache = CacheConfig(
@@ -926,6 +931,7 @@ class XdsOptions:
             reuse_port=reuse_port,
             worker_id=worker_id,
             wasm_limits=self.wasm_limits,
+            tls=self.tls,
         )
 
 

@@ -17,7 +17,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--gateway-port", type=int, default=8080, help="gateway listen port (default 8080)")
     parser.add_argument("--admin-port", type=int, default=15000, help="gateway admin port (default 15000)")
-    parser.add_argument("--xds-port", type=int, default=15010, help="control plane xDS port (default 15010)")
+    parser.add_argument(
+        "--xds-port", type=int, default=15012, help="control plane xDS port, mTLS (default 15012)"
+    )
+    parser.add_argument(
+        "--ca-port", type=int, default=15013, help="control plane CA token port, TLS (default 15013)"
+    )
     parser.add_argument("--api-port", type=int, default=15014, help="control plane API port (default 15014)")
     parser.set_defaults(handler=_run)
 

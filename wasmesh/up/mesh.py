@@ -11,6 +11,8 @@ Pieces, all on 127.0.0.1:
   each a listener in front of its app, as Istio's inbound sidecars are;
 - three proxies, each `wasmesh proxy --xds ...` as a child process (the gateway and the two
   sidecars), so their plugin logs stream to this terminal exactly as a real deployment logs them;
+  each connects over mTLS with its own SPIFFE identity, from a bootstrap token the mesh creates
+  (the CA root and tokens live in a private temporary directory, removed on exit);
 - the two sample apps (in this process).
 
 The examples pick their proxies by label: basic-auth and request-tracking the gateway, rate-limit
@@ -35,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from wasmesh.security.ca import CA_CERT_FILE, write_private
+from wasmesh.security.tokens import create_token
 from wasmesh.up.apps import serve_sample_app
 
 log = logging.getLogger("wasmesh.up")
@@ -51,6 +55,7 @@ class MeshPorts:
     gateway: int
     admin: int
     xds: int
+    ca: int
     api: int
     httpbin: int
     productpage: int
@@ -191,6 +196,7 @@ def _free_port() -> int:
 def choose_ports(args: argparse.Namespace) -> MeshPorts:
     wanted = {
         "gateway": args.gateway_port, "admin": args.admin_port, "xds": args.xds_port, "api": args.api_port,
+        "ca": args.ca_port,
     }
     for name, port in wanted.items():
         if port != 0 and not _port_free(port):
@@ -228,7 +234,7 @@ wasmesh demo mesh is up.
   sidecar (app: httpbin)           http://127.0.0.1:{ports.httpbin_sidecar}   (in front of httpbin)
   sidecar (app: productpage)       http://127.0.0.1:{ports.productpage_sidecar}   (in front of productpage)
   control plane API                {api}
-  control plane xDS                127.0.0.1:{ports.xds}
+  control plane xDS                127.0.0.1:{ports.xds}   (mTLS: each proxy has its own SPIFFE identity)
   example WasmPlugins              {examples}/*/wasmplugin.yaml  (edit one: the change is live)
 
 Try:
@@ -245,8 +251,15 @@ Plugin logs follow. Ctrl-C stops everything.
 """
 
 
+def issue_bootstrap_token(pki: Path, namespace: str, name: str) -> Path:
+    """A bootstrap token for one proxy identity, in a 0600 file the proxy reads (never on argv)."""
+    path = pki / f"token-{namespace}-{name}"
+    write_private(path, create_token(pki, namespace, name).encode())
+    return path
+
+
 def _start_proxy(
-    ports: MeshPorts, node: str, namespace: str, labels: str, *extra: str
+    ports: MeshPorts, pki: Path, node: str, namespace: str, labels: str, *extra: str
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen([
         sys.executable, "-m", "wasmesh", "proxy",
@@ -254,6 +267,9 @@ def _start_proxy(
         "--node-id", node,
         "--namespace", namespace,
         "--labels", labels,
+        "--xds-root-cert", str(pki / CA_CERT_FILE),
+        "--xds-token-file", str(issue_bootstrap_token(pki, namespace, node)),
+        "--ca-address", f"127.0.0.1:{ports.ca}",
         *extra,
     ])
 
@@ -269,11 +285,13 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from wasmesh.controlplane.server import ControlPlane, ControlPlaneOptions
+    from wasmesh.controlplane.server import ControlPlane, ControlPlaneOptions, XdsSecurityOptions
 
     examples = find_examples_dir(args.examples)
     ports = choose_ports(args)
     state = Path(tempfile.mkdtemp(prefix="wasmesh-up-"))
+    # The CA root, its key and the bootstrap tokens: outside the watched config directory.
+    pki = Path(tempfile.mkdtemp(prefix="wasmesh-up-pki-"))
     proxies: dict[str, subprocess.Popen[bytes]] = {}
     control_plane: ControlPlane | None = None
     servers: list[asyncio.AbstractServer] = []
@@ -287,14 +305,15 @@ async def _run(args: argparse.Namespace) -> int:
         servers.append(await serve_sample_app("productpage", "127.0.0.1", ports.productpage))
         control_plane = ControlPlane(ControlPlaneOptions(
             config_dir=state, xds_port=ports.xds, api_port=ports.api, root_namespace=GATEWAY_NAMESPACE,
+            security=XdsSecurityOptions(state_dir=pki, ca_port=ports.ca),
         ))
         await control_plane.start()
         proxies["gateway"] = _start_proxy(
-            ports, GATEWAY_NAME, GATEWAY_NAMESPACE, "istio=ingressgateway",
+            ports, pki, GATEWAY_NAME, GATEWAY_NAMESPACE, "istio=ingressgateway",
             "--admin", f"127.0.0.1:{ports.admin}",
         )
         for name in SIDECARS:
-            proxies[f"{name} sidecar"] = _start_proxy(ports, name, APP_NAMESPACE, f"app={name}")
+            proxies[f"{name} sidecar"] = _start_proxy(ports, pki, name, APP_NAMESPACE, f"app={name}")
         # Through the gateway and the httpbin sidecar, then the productpage sidecar directly (the
         # gateway asks for credentials there).
         for port, path in ((ports.gateway, "/headers"), (ports.productpage_sidecar, "/productpage")):
@@ -334,6 +353,7 @@ async def _run(args: argparse.Namespace) -> int:
         for server in servers:
             server.close()
         shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(pki, ignore_errors=True)
 
 
 def run_demo_mesh(args: argparse.Namespace) -> int:

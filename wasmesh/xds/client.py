@@ -36,6 +36,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, message, struct_pb2
 from google.rpc import status_pb2
 
+from wasmesh.security.workload import WorkloadCertificates, stop_task
 from wasmesh.xds import types
 
 log = logging.getLogger("wasmesh.xds.client")
@@ -175,10 +176,14 @@ class XdsClient:
         channel: grpc.aio.Channel | None = None,
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
+        tls: WorkloadCertificates | None = None,
     ) -> None:
         """`subscriptions` replaces the default (wildcard CDS + LDS): type URL → names (None = wildcard).
-        `follow_references` subscribes RDS/ECDS to whatever the accepted listeners reference."""
+        `follow_references` subscribes RDS/ECDS to whatever the accepted listeners reference.
+        `tls`: connect over mTLS with this workload certificate (renewed at half life while the
+        client runs; each new connection uses the current one); None: plain text."""
         self.target = target
+        self.tls = tls
         self.node = build_node(node_id, labels or {}, namespace, metadata)
         self.on_update = on_update
         self.validate = validate
@@ -195,6 +200,7 @@ class XdsClient:
         self.connected = False
         self.nacks_sent = 0
         self.last_nack = ""
+        self.last_refusal = ""  # the control plane's last PERMISSION_DENIED/UNAUTHENTICATED message
         self._stopping = False
         self._changed: asyncio.Condition | None = None
         self._outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] | None = None
@@ -208,9 +214,35 @@ class XdsClient:
         """Connect, and reconnect with exponential backoff, until `stop()` / cancellation."""
         if self._changed is None:
             self._changed = asyncio.Condition()
+        rotation = None
+        if self.tls is not None and self._shared_channel is None:
+            rotation = asyncio.get_running_loop().create_task(self.tls.run_rotation())
+        try:
+            await self._run_streams()
+        finally:
+            await stop_task(rotation)
+
+    async def _channel(self) -> grpc.aio.Channel | None:
+        """A new channel to the control plane (None, logged, when no certificate can be had)."""
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target)
+        try:
+            return await self.tls.channel(self.target)
+        except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            if detail != self.last_refusal:  # once, not on every retry
+                log.warning("xDS client %s: no workload certificate: %s", self.node.id, detail)
+            self.last_refusal = str(detail)
+            return None
+
+    async def _run_streams(self) -> None:
         delay = self.reconnect_initial
         while not self._stopping:
-            channel = self._shared_channel or grpc.aio.insecure_channel(self.target)
+            channel = self._shared_channel or await self._channel()
+            if channel is None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                continue
             try:
                 await self._stream(channel)
                 delay = self.reconnect_initial
@@ -220,6 +252,11 @@ class XdsClient:
                 if self.connected:
                     log.info("xDS client %s: stream to %s ended: %s", self.node.id, self.target, exc.code())
                     delay = self.reconnect_initial
+                elif exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    refusal = exc.details() or exc.code().name
+                    if refusal != self.last_refusal:  # once, not on every retry
+                        log.warning("xDS client %s: refused by %s: %s", self.node.id, self.target, refusal)
+                    self.last_refusal = refusal
             finally:
                 self.connected = False
                 if self._shared_channel is None:

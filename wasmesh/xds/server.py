@@ -14,8 +14,9 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -25,6 +26,9 @@ from wasmesh.xds.metrics import XdsMetrics
 from wasmesh.xds.snapshot import ProxyNode, Snapshot, SnapshotGenerator
 
 log = logging.getLogger("wasmesh.xds")
+
+# Checks a stream's claimed node against the caller's verified identity (see AdsServer).
+Authenticator = Callable[[ProxyNode, "grpc.aio.ServicerContext[Any, Any]"], ProxyNode]
 
 DEFAULT_DEBOUNCE_AFTER = 0.1
 DEFAULT_DEBOUNCE_MAX = 10.0
@@ -115,11 +119,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         debounce_after: float = DEFAULT_DEBOUNCE_AFTER,
         debounce_max: float = DEFAULT_DEBOUNCE_MAX,
         proxy_warnings: Callable[[str, ProxyNode], list[str]] | None = None,
+        authenticate: Authenticator | None = None,
     ) -> None:
         """`proxy_warnings(conn_id, proxy)` names problems with a connected proxy (e.g. its node matches
         no workload); each is logged once per connection, at connect time or after the push that
-        causes it."""
+        causes it. `authenticate(proxy, context)` checks the node a stream claims against the
+        caller's verified identity and returns the node with `identity` set; it raises
+        PermissionError to refuse the stream (PERMISSION_DENIED). None: plain text, no identities."""
         self.generator = generator
+        self.authenticate = authenticate
         self.proxy_warnings = proxy_warnings
         self.metrics = metrics or XdsMetrics()
         self.debounce_after = debounce_after
@@ -135,8 +143,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen on host:port (0 = a free port) and return the bound port."""
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        credentials: grpc.ServerCredentials | None = None,
+        handlers: Sequence[grpc.GenericRpcHandler] = (),
+    ) -> int:
+        """Listen on host:port (0 = a free port) and return the bound port; with `credentials` over
+        (m)TLS. `handlers` are further services on the same port (the CA's renewal service)."""
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_concurrent_streams", 100000),
@@ -145,11 +160,19 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
-        bound: int = self._server.add_insecure_port(f"{host}:{port}")
+        if handlers:
+            self._server.add_generic_rpc_handlers(tuple(handlers))
+        address = f"{host}:{port}"
+        bound: int = (
+            self._server.add_insecure_port(address)
+            if credentials is None
+            else self._server.add_secure_port(address, credentials)
+        )
         if bound == 0:
             raise OSError(f"xDS server: cannot listen on {host}:{port}")
         await self._server.start()
-        log.info("xDS (ADS) listening on %s:%d", host, bound)
+        transport = "plain text" if credentials is None else "mTLS"
+        log.info("xDS (ADS) listening on %s:%d (%s)", host, bound, transport)
         return bound
 
     async def stop(self, grace: float | None = 0.5) -> None:
@@ -224,6 +247,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 grpc.StatusCode.INVALID_ARGUMENT, "the first DiscoveryRequest must carry node.id"
             )
         proxy = ProxyNode.from_node(first.node)
+        if self.authenticate is not None:
+            try:
+                proxy = self.authenticate(proxy, context)
+            except PermissionError as exc:
+                log.warning("ADS: refused node %s from %s: %s", proxy.id, context.peer(), exc)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         conn = Connection(f"{proxy.id}-{next(self._conn_ids)}", proxy, context.peer())
         self.connections[conn.conn_id] = conn
         self.metrics.connected.set(len(self.connections))
@@ -412,6 +441,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 {
                     "id": conn.conn_id,
                     "node": conn.proxy.id,
+                    "identity": conn.proxy.identity,
                     "namespace": conn.proxy.namespace,
                     "labels": dict(conn.proxy.labels),
                     "watched": {

@@ -21,7 +21,8 @@ class ProxyNode:
 
     Labels come from node.metadata.LABELS (Istio's key) or node.metadata.labels; the namespace from
     node.metadata.NAMESPACE (or `namespace`), defaulting to "default". node.metadata.WORKLOAD_NAME
-    names the Workload/Gateway resource to serve; without it the node id is used.
+    names the Workload/Gateway resource to serve; without it the node id is used. `identity` is
+    the SPIFFE URI the control plane verified from the client certificate ("" over plain text).
     """
 
     id: str
@@ -29,6 +30,7 @@ class ProxyNode:
     labels: Mapping[str, str] = field(default_factory=dict)
     workload_name: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    identity: str = ""
 
     @classmethod
     def from_node(cls, node: base_pb2.Node) -> ProxyNode:
@@ -41,9 +43,9 @@ class ProxyNode:
         workload = str(metadata.get("WORKLOAD_NAME", metadata.get("workload", "")) or node.id)
         return cls(id=node.id, namespace=namespace, labels=labels, workload_name=workload, metadata=metadata)
 
-    def cache_key(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    def cache_key(self) -> tuple[str, str, tuple[tuple[str, str], ...], bool]:
         """Proxies with equal keys get identical snapshots (the generator caches on this)."""
-        return (self.namespace, self.workload_name, tuple(sorted(self.labels.items())))
+        return (self.namespace, self.workload_name, tuple(sorted(self.labels.items())), bool(self.identity))
 
 
 def _digest(resource: any_pb2.Any) -> bytes:
