@@ -357,6 +357,7 @@ class ApiSecurity:
     ) -> ApiSecurity:
         """TLS (the given cert, else a self-signed one in the state dir) + tokens + audit; or, with
         `insecure`, plain HTTP without authentication (still audited)."""
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         audit = AuditLog(state_dir / AUDIT_FILE)
         if insecure:
             return cls(None, None, audit)

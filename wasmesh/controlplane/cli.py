@@ -102,7 +102,11 @@ def _register_server_security(serve: argparse.ArgumentParser) -> None:
     revoke.add_argument("id")
     for command in (create, token_commands.choices["list"], revoke):
         command.add_argument(
-            "--state-dir", dest="token_state_dir", type=Path, help="the control plane's --state-dir"
+            "--state-dir",
+            dest="token_state_dir",
+            metavar="STATE_DIR",
+            type=Path,
+            help="the control plane's --state-dir (default ~/.wasmesh/control-plane)",
         )
     token.set_defaults(handler=run_token)
 
