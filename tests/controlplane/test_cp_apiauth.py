@@ -248,6 +248,20 @@ def test_expired_and_revoked_tokens_are_refused(plane: ControlPlaneProcess) -> N
     )
 
 
+def test_a_broken_token_file_keeps_the_tokens_read_before(
+    plane: ControlPlaneProcess, tokens: dict[str, str]
+) -> None:
+    path = plane.state_dir / "tokens.json"
+    good = path.read_text()
+    try:
+        path.write_text('{"tokens": [{"id": ')  # e.g. an editor saving half a file
+        assert call(plane, "GET", "/resources/wasmplugins", tokens["admin"]).status == 200
+        assert f"{path}: unreadable token file" in plane.log()
+    finally:
+        path.write_text(good)
+    assert call(plane, "GET", "/resources/wasmplugins?namespace=team-a", tokens["viewer"]).status == 200
+
+
 def test_secret_values_are_never_returned_to_any_role(
     plane: ControlPlaneProcess, tokens: dict[str, str]
 ) -> None:

@@ -18,10 +18,12 @@ import datetime
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import ssl
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from wasmesh.controlplane.audit import AUDIT_FILE, AuditLog
+
+log = logging.getLogger("wasmesh.controlplane")
 
 ROLES = ("admin", "editor", "viewer")
 READ_VERBS = frozenset({"get", "list"})
@@ -131,6 +135,7 @@ class TokenStore:
         self.path = state_dir / TOKENS_FILE
         self._records: list[TokenRecord] = []
         self._seen: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # GETs authenticate on the loop, POSTs in worker threads
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -148,6 +153,7 @@ class TokenStore:
             payload = json.loads(self.path.read_text(encoding="utf-8"))
             records = [TokenRecord(**item) for item in payload.get("tokens", [])]
         except (OSError, ValueError, TypeError) as exc:
+            self._seen = seen  # report a broken file once, not on every request
             raise AuthError(f"{self.path}: unreadable token file: {exc}") from None
         self._records, self._seen = records, seen
 
@@ -196,12 +202,17 @@ class TokenStore:
 
     def authenticate(self, value: str) -> tuple[Identity | None, str]:
         """(identity, "") for a valid token, else (None, why) — why never repeats the token."""
-        self._reload()
+        with self._lock:
+            try:
+                self._reload()
+            except AuthError as exc:  # a half-edited file must not lock everyone out: keep the last good
+                log.warning("%s; still using the tokens read before", exc)
+            records = list(self._records)
         if _TOKEN_FORMAT.match(value) is None:
             return None, "invalid bearer token"
         presented = _digest(value)
         found: TokenRecord | None = None
-        for record in self._records:  # compare every record, in constant time each
+        for record in records:  # compare every record, in constant time each
             if hmac.compare_digest(presented, record.sha256):
                 found = record
         if found is None:
