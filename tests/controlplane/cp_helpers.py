@@ -230,7 +230,8 @@ class ControlPlaneProcess:
 
     By default its API is plain HTTP without authentication (`--insecure-api`, as the tests of
     everything but the API's security want it); `secure=True` serves it as shipped: HTTPS with the
-    self-signed cert and the first-start admin token in `state_dir`.
+    self-signed cert and the first-start admin token in `state_dir`. `ca_file` is what clients
+    trust (default: that self-signed cert).
     """
 
     def __init__(
@@ -239,6 +240,7 @@ class ControlPlaneProcess:
         log_path: Path | None = None,
         secure: bool = False,
         state_dir: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.api_port, self.xds_port = free_port(), free_port()
         self.secure = secure
@@ -248,6 +250,7 @@ class ControlPlaneProcess:
             os.close(handle)
             log_path = Path(name)
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="wasmesh-cp-state-"))
+        self.ca_file = ca_file or self.state_dir / "api.crt"
         self.log_path = log_path
         self._log = log_path.open("wb")
         command = [sys.executable, "-m", "wasmesh", "control-plane", "--api-port", str(self.api_port)]
@@ -258,11 +261,6 @@ class ControlPlaneProcess:
             stderr=subprocess.STDOUT,
         )
         eventually(lambda: get_json(f"{self.server}/readyz", self.ssl_context())[0] == 200, timeout=60)
-
-    @property
-    def ca_file(self) -> Path:
-        """The self-signed serving cert a secure control plane generated (its clients' CA)."""
-        return self.state_dir / "api.crt"
 
     @property
     def admin_token(self) -> str:

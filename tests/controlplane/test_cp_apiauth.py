@@ -23,6 +23,8 @@ import pytest
 import yaml
 from cp_helpers import ControlPlaneProcess, free_port, plugin_yaml, run_wasmesh
 
+from wasmesh.controlplane.auth import ensure_serving_cert
+
 SECRET_VALUE = "hunter2-registry-password"
 
 
@@ -378,6 +380,40 @@ def test_client_config_contexts(
     )
     assert tokens["viewer"] not in run_wasmesh("config", "view").stdout
     assert run_wasmesh("delete", "wasmplugin", "ctx", "-n", "team-a", "--context", "local").returncode == 0
+
+
+def test_a_given_serving_cert_is_used_and_flags_are_checked(tmp_path: Path) -> None:
+    cert, key = ensure_serving_cert(tmp_path / "pki", "127.0.0.1")  # stands in for a CA-signed pair
+    plane = ControlPlaneProcess(
+        "--api-cert",
+        str(cert),
+        "--api-key",
+        str(key),
+        secure=True,
+        state_dir=tmp_path / "state",
+        ca_file=cert,
+    )
+    try:
+        assert call(plane, "GET", "/resources/wasmplugins", plane.admin_token).status == 200
+        assert not (plane.state_dir / "api.crt").exists()  # nothing self-signed was made
+    finally:
+        plane.stop()
+    half = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wasmesh",
+            "control-plane",
+            "--api-cert",
+            str(cert),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (half.returncode, half.stderr) == (2, "error: --api-cert and --api-key must be given together\n")
 
 
 def test_insecure_api_only_on_loopback(tmp_path: Path) -> None:
