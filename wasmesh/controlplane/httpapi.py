@@ -152,29 +152,21 @@ class ApiHandler:
                 reason=reason,
             )
 
-    def unauthenticated(
+    def authenticate(
         self, method: str, target: str, headers: Mapping[str, str] | None, peer: str = ""
-    ) -> Response | None:
-        """The 401 for a request without a valid token (audited), or None when it may go on."""
+    ) -> Identity | Response:
+        """Who calls, or the (audited) 401 for a request without a valid token."""
         path = urlsplit(target).path
         if self.tokens is None or path.strip("/") in _ANONYMOUS_ROUTES:
-            return None
+            return ANONYMOUS_ADMIN
         token = bearer_token((headers or {}).get("authorization"))
         why = "no bearer token"
         if token is not None:
             identity, why = self.tokens.authenticate(token)
             if identity is not None:
-                return None
+                return identity
         self._audit(None, method.lower(), "", None, path, 401, peer, why)
         return _error(401, f"Unauthorized: {why}", {"WWW-Authenticate": 'Bearer realm="wasmesh"'})
-
-    def _identity(self, headers: Mapping[str, str] | None) -> Identity:
-        if self.tokens is None:
-            return ANONYMOUS_ADMIN
-        token = bearer_token((headers or {}).get("authorization"))
-        identity = self.tokens.authenticate(token)[0] if token is not None else None
-        assert identity is not None, "unauthenticated() refuses these first"
-        return identity
 
     def _authorize(
         self, identity: Identity, verb: str, kind: str, namespace: str | None, name: str, peer: str
@@ -192,9 +184,9 @@ class ApiHandler:
         headers: Mapping[str, str] | None = None,
         peer: str = "",
     ) -> Response:
-        refused = self.unauthenticated(method, target, headers, peer)
-        if refused is not None:
-            return refused
+        identity = self.authenticate(method, target, headers, peer)
+        if isinstance(identity, Response):
+            return identity
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [unquote(p) for p in url.path.split("/") if p]
@@ -207,7 +199,6 @@ class ApiHandler:
             return _error(
                 405, f"{method} is not allowed on {url.path} (allowed: {allowed})", {"Allow": allowed}
             )
-        identity = ANONYMOUS_ADMIN if pattern in _ANONYMOUS_ROUTES else self._identity(headers)
         try:
             return self._dispatch(pattern, method, parts, query, body, identity, peer)
         except _Forbidden as exc:
@@ -483,9 +474,9 @@ async def _serve_one(handler: ApiHandler, reader: asyncio.StreamReader, writer: 
             if ":" in line:
                 name, value = line.split(":", 1)
                 headers[name.strip().lower()] = value.strip()
-        refused = handler.unauthenticated(method, target, headers, peer)
-        if refused is not None:  # before reading the body: strangers may not upload 16 MiB
-            raise _RequestRefused(refused)
+        caller = handler.authenticate(method, target, headers, peer)
+        if isinstance(caller, Response):  # before reading the body: strangers may not upload 16 MiB
+            raise _RequestRefused(caller)
         body = await asyncio.wait_for(_read_body(headers, reader, writer), 60)
         if method == "GET":
             response = handler.handle(method, target, body, headers, peer)
