@@ -116,7 +116,7 @@ def test_envoy_through_the_agent_on_mtls_serves_the_plugin(tmp_path: Path, modul
     url, _sha = modules.add("/tag.wasm", tagged_plugin("via-agent"))
     stack = SecureStack(tmp_path, url)
     try:
-        token = run_wasmesh("control-plane", "token", "create", "--state-dir", str(stack.state),
+        token = run_wasmesh("control-plane", "bootstrap-token", "create", "--state-dir", str(stack.state),
                             "--namespace", "default", "--name", "web-1")  # fmt: skip
         assert token.returncode == 0, token.stderr
         token_file = tmp_path / "token"

@@ -14,6 +14,14 @@ import wasmtime
 from cp_helpers import CHAIN_PLUGIN_WAT
 
 
+@pytest.fixture(autouse=True)
+def client_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own (empty) CLI client config, never the user's ~/.wasmesh/config."""
+    path = tmp_path_factory.mktemp("client") / "config"
+    monkeypatch.setenv("WASMESH_CONFIG", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def chain_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plugins") / "chain.wasm"

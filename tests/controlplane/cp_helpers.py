@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -200,10 +201,11 @@ class Envoy:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
-def get_json(url: str) -> tuple[int, dict[str, Any]]:
+def get_json(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, Any]]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status), dict(json.loads(response.read()))
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            body = response.read()
+            return int(response.status), dict(json.loads(body)) if body.startswith(b"{") else {}
     except urllib.error.HTTPError as exc:
         return exc.code, {}
     except (urllib.error.URLError, ConnectionError, OSError):
@@ -224,26 +226,51 @@ def eventually(check: Any, timeout: float = 15.0, interval: float = 0.1) -> Any:
 
 
 class ControlPlaneProcess:
-    """A real `wasmesh control-plane` process on free ports (API and xDS), logging to a file."""
+    """A real `wasmesh control-plane` process on free ports (API and xDS), logging to a file.
 
-    def __init__(self, *extra_args: str, log_path: Path | None = None) -> None:
+    By default its API is plain HTTP without authentication (`--insecure-api`, as the tests of
+    everything but the API's security want it); `secure=True` serves it as shipped: HTTPS with the
+    self-signed cert and the first-start admin token in `state_dir`. `ca_file` is what clients
+    trust (default: that self-signed cert).
+    """
+
+    def __init__(
+        self,
+        *extra_args: str,
+        log_path: Path | None = None,
+        secure: bool = False,
+        state_dir: Path | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         self.api_port, self.xds_port = free_port(), free_port()
-        self.server = f"http://127.0.0.1:{self.api_port}"
+        self.secure = secure
+        self.server = f"{'https' if secure else 'http'}://127.0.0.1:{self.api_port}"
         if log_path is None:
             handle, name = tempfile.mkstemp(prefix="wasmesh-cp-", suffix=".log")
             os.close(handle)
             log_path = Path(name)
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="wasmesh-cp-state-"))
+        self.ca_file = ca_file or self.state_dir / "api.crt"
         self.log_path = log_path
         self._log = log_path.open("wb")
         command = [sys.executable, "-m", "wasmesh", "control-plane", "--api-port", str(self.api_port)]
-        if "--state-dir" not in extra_args:  # no CA given: the plain-text mode, on loopback
+        security: list[str] = [] if secure else ["--insecure-api"]
+        if "--state-dir" not in extra_args:  # no CA given: plain-text xDS, on loopback
             command.append("--plaintext")
+            security += ["--state-dir", str(self.state_dir)]
         self.process = subprocess.Popen(
-            [*command, "--xds-port", str(self.xds_port), "--log-level", "info", *extra_args],
+            [*command, "--xds-port", str(self.xds_port), "--log-level", "info", *security, *extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        eventually(lambda: get_json(f"{self.server}/resources/WasmPlugin")[0] == 200, timeout=60)
+        eventually(lambda: get_json(f"{self.server}/readyz", self.ssl_context())[0] == 200, timeout=60)
+
+    @property
+    def admin_token(self) -> str:
+        return (self.state_dir / "admin-token").read_text().strip()
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.secure else None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -132,7 +132,8 @@ def test_control_plane_command_as_a_process(tmp_path: Path) -> None:
     server = f"http://127.0.0.1:{api_port}"
     command = [sys.executable, "-m", "wasmesh", "control-plane", "--plaintext", "--config-dir", str(tmp_path)]
     process = subprocess.Popen(
-        [*command, "--api-port", str(api_port), "--xds-port", str(xds_port), "--log-level", "warning"],
+        [*command, "--api-port", str(api_port), "--xds-port", str(xds_port), "--log-level", "warning"]
+        + ["--insecure-api", "--state-dir", str(tmp_path.parent / f"{tmp_path.name}-state")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -196,7 +196,7 @@ def test_describe(plane: ControlPlaneProcess, plugins: Path, wasmesh: Callable[.
         "Type:  kubernetes.io/dockerconfigjson",
         "Data",
         "====",
-        ".dockerconfigjson:  13 bytes",
+        ".dockerconfigjson:  <redacted>",
     ]
 
 

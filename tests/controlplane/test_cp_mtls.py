@@ -51,7 +51,7 @@ class SecureMesh:
 
     def token(self, namespace: str, name: str) -> str:
         created = run_wasmesh(
-            "control-plane", "token", "create", "--state-dir", str(self.state),
+            "control-plane", "bootstrap-token", "create", "--state-dir", str(self.state),
             "--namespace", namespace, "--name", name,
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
@@ -254,8 +254,8 @@ def test_rotation_under_a_live_stream_keeps_pushes_coming(secure_mesh: SecureMes
 
 
 def test_token_and_cert_commands_give_one_line_errors(tmp_path: Path) -> None:
-    bad = run_wasmesh("control-plane", "token", "create", "--state-dir", str(tmp_path), "--namespace", "a b",
-                      "--name", "x")  # fmt: skip
+    bad = run_wasmesh("control-plane", "bootstrap-token", "create", "--state-dir", str(tmp_path),
+                      "--namespace", "a b", "--name", "x")  # fmt: skip
     assert (bad.returncode, bad.stderr.strip()) == (
         2, "error: --namespace: expected a name without spaces or '/', got 'a b'"
     )

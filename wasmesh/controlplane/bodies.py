@@ -89,7 +89,14 @@ def _json_depth_ok(value: object, where: str) -> None:
 
 def _yaml_documents_checked(text: str, source: str) -> None:
     """Compose (never construct) every document and check it; syntax errors are left to the loader."""
-    loader = yaml.SafeLoader(text)
+    try:  # the Reader refuses non-printable characters in its constructor, before any parsing
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        character = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+        raise BodyError(
+            f"{source}: character {exc.position + 1}: YAML syntax error: unacceptable character "
+            f"#x{character:04x} (special characters are not allowed)"
+        ) from None
     try:
         index = 0
         while loader.check_node():

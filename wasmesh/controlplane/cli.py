@@ -1,4 +1,5 @@
-"""Sub-commands: control-plane, apply, delete, get, envoy-bootstrap."""
+"""Sub-commands: control-plane (and its token management), apply, delete, get, describe, config,
+envoy-bootstrap."""
 
 from __future__ import annotations
 
@@ -18,11 +19,33 @@ from urllib.parse import quote
 import yaml
 
 from wasmesh.api.load import expand_paths
+from wasmesh.controlplane.audit import AUDIT_FILE, AuditLog
+from wasmesh.controlplane.auth import (
+    ApiSecurity,
+    AuthError,
+    TokenStore,
+    api_group,
+    describe_record,
+    ensure_admin_token,
+    parse_ttl,
+)
 from wasmesh.controlplane.bootstrap import build_bootstrap, parse_labels, render_bootstrap, split_host_port
+from wasmesh.controlplane.clientconfig import (
+    CONFIG_ENV,
+    ConfigError,
+    Connection,
+    connection,
+    find_context,
+    load_config,
+    redacted,
+    save_config,
+)
 from wasmesh.controlplane.security_cli import (
     add_bootstrap_tls_flags,
     add_security_commands,
+    add_security_flags,
     bootstrap_tls,
+    default_state_dir,
     security_options,
 )
 from wasmesh.controlplane.server import (
@@ -36,7 +59,67 @@ from wasmesh.controlplane.store import canonical_kind
 from wasmesh.security.ca import CaError
 
 SERVER_ENV = "WASMESH_CONTROL_PLANE"
-DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_API_PORT}"
+DEFAULT_SERVER = f"https://127.0.0.1:{DEFAULT_API_PORT}"
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    """kubectl's connection flags; each overrides the client config's current context."""
+    parser.add_argument(
+        "--server",
+        default=os.environ.get(SERVER_ENV),
+        help=f"control plane API URL (env {SERVER_ENV}; default: the context's, else {DEFAULT_SERVER})",
+    )
+    parser.add_argument("--token", help="bearer token (default: the context's)")
+    parser.add_argument("--certificate-authority", help="CA file to verify the API's serving cert")
+    parser.add_argument(
+        "--insecure-skip-tls-verify", action="store_true", help="do not verify the serving cert (unsafe)"
+    )
+    parser.add_argument(
+        "--context", help=f"client config context to use (config: ${CONFIG_ENV} or ~/.wasmesh/config)"
+    )
+
+
+def _register_server_security(serve: argparse.ArgumentParser) -> None:
+    """The API's TLS and tokens, the mesh CA's flags (security_cli), and their management commands."""
+    add_security_flags(serve)
+    serve.add_argument(
+        "--api-cert", type=Path, help="API serving cert (PEM; default: self-signed in --state-dir)"
+    )
+    serve.add_argument("--api-key", type=Path, help="API serving key (PEM), with --api-cert")
+    serve.add_argument(
+        "--insecure-api",
+        action="store_true",
+        help="serve the API over plain HTTP without authentication (loopback --host only)",
+    )
+    commands = serve.add_subparsers(dest="control_plane_command", metavar="{token,bootstrap-token,cert}")
+    add_security_commands(commands)
+    token = commands.add_parser("token", help="manage API bearer tokens in the state dir")
+    token_commands = token.add_subparsers(dest="token_command", metavar="{create,list,revoke}", required=True)
+    create = token_commands.add_parser("create", help="create a token; prints its value once")
+    create.add_argument(
+        "--user", required=True, help="who the token authenticates (in audit lines and errors)"
+    )
+    create.add_argument("--role", required=True, choices=("admin", "editor", "viewer"))
+    create.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="namespace the token may act in (repeatable or comma-separated; '*' = all); not for admin",
+    )
+    create.add_argument("--ttl", help="lifetime, e.g. 30m, 24h, 7d (default: no expiry)")
+    token_commands.add_parser("list", help="list tokens (never their values)")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by ID (effective immediately)")
+    revoke.add_argument("id")
+    for command in (create, token_commands.choices["list"], revoke):
+        command.add_argument(
+            "--state-dir",
+            dest="token_state_dir",
+            metavar="STATE_DIR",
+            type=Path,
+            help=f"the control plane's --state-dir (default {default_state_dir()})",
+        )
+    token.set_defaults(handler=run_token)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,9 +136,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--debounce", type=float, default=0.1, help="push debounce quiet period, seconds")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=run_control_plane)
-    add_security_commands(serve)
-
-    server_help = f"control plane API URL (env {SERVER_ENV}, default {DEFAULT_SERVER})"
+    _register_server_security(serve)
     apply = subparsers.add_parser("apply", help="create or update resources on the control plane")
     apply.add_argument(
         "-f",
@@ -64,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         required=True,
         help="file or directory of YAML/JSON documents ('-' for stdin); repeatable",
     )
-    apply.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    _add_client_flags(apply)
     apply.set_defaults(handler=run_apply)
 
     delete = subparsers.add_parser(
@@ -84,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     delete.add_argument(
         "--all", action="store_true", help="delete every resource of the type (in the namespace)"
     )
-    delete.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    _add_client_flags(delete)
     delete.set_defaults(handler=run_delete)
 
     get = subparsers.add_parser("get", help="list resources on the control plane (kubectl-like)")
@@ -93,7 +174,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     get.add_argument("-n", "--namespace", help="namespace (default: default)")
     get.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
     get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json", "name"), default="table")
-    get.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    _add_client_flags(get)
     get.set_defaults(handler=run_get)
 
     describe = subparsers.add_parser(
@@ -103,8 +184,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     describe.add_argument("name", nargs="?", help="default: every resource of the type in the namespace")
     describe.add_argument("-n", "--namespace", help="namespace (default: default)")
     describe.add_argument("-A", "--all-namespaces", action="store_true", help="without NAME: every namespace")
-    describe.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=server_help)
+    _add_client_flags(describe)
     describe.set_defaults(handler=run_describe)
+
+    _register_config(subparsers)
 
     boot = subparsers.add_parser(
         "envoy-bootstrap", help="print an Envoy bootstrap pointing at the control plane"
@@ -127,19 +210,38 @@ def run_control_plane(args: argparse.Namespace) -> int:
         print(f"--config-dir: {args.config_dir}: not a directory", file=sys.stderr)
         return 2
     try:
-        security = security_options(args)
+        xds_security = security_options(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    default_port = DEFAULT_XDS_PORT if security is None else DEFAULT_SECURE_XDS_PORT
+    default_port = DEFAULT_XDS_PORT if xds_security is None else DEFAULT_SECURE_XDS_PORT
+    if args.insecure_api and args.host not in _LOOPBACK_HOSTS:
+        print(
+            f"--insecure-api: only with a loopback --host (127.0.0.1, ::1), not {args.host}", file=sys.stderr
+        )
+        return 2
+    state_dir = args.state_dir or default_state_dir()
+    try:
+        api_security = ApiSecurity.from_state_dir(
+            state_dir, args.host, args.api_cert, args.api_key, insecure=args.insecure_api
+        )
+        admin_token = None if args.insecure_api else ensure_admin_token(state_dir)
+    except (AuthError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if admin_token is not None:  # the path only: token values never reach a log
+        print(
+            f"control plane: first start; admin token written to {admin_token} (mode 0600)", file=sys.stderr
+        )
     options = ControlPlaneOptions(
         config_dir=args.config_dir,
         host=args.host,
-        security=security,
+        security=xds_security,
         xds_port=args.xds_port if args.xds_port is not None else default_port,
         api_port=args.api_port,
         root_namespace=args.root_namespace,
         debounce_after=args.debounce,
+        api_security=api_security,
     )
     try:
         asyncio.run(ControlPlane(options).serve_forever())
@@ -153,44 +255,65 @@ class ServerUnreachable(Exception):
     """The control plane API did not answer."""
 
 
-def _request(server: str, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+class ServerRefused(ServerUnreachable):
+    """The control plane refused the caller (401) or the verb (403); the message is kubectl's."""
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    return connection(
+        args.server,
+        args.token,
+        args.certificate_authority,
+        args.insecure_skip_tls_verify,
+        args.context,
+        DEFAULT_SERVER,
+    )
+
+
+def _report(exc: ServerUnreachable) -> None:
+    print(str(exc) if isinstance(exc, ServerRefused) else f"error: {exc}", file=sys.stderr)
+
+
+def _request(
+    server: Connection, method: str, path: str, body: bytes | None = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/yaml"}
+    if server.token:
+        headers["Authorization"] = f"Bearer {server.token}"
     request = urllib.request.Request(
-        f"{server.rstrip('/')}{path}", data=body, method=method, headers={"Content-Type": "application/yaml"}
+        f"{server.server.rstrip('/')}{path}", data=body, method=method, headers=headers
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=server.ssl_context) as response:
             return int(response.status), json.loads(response.read())
     except urllib.error.HTTPError as exc:
         payload = exc.read() or b"{}"
         try:
-            return exc.code, json.loads(payload)
+            reply: dict[str, Any] = json.loads(payload)
         except ValueError:
-            return exc.code, {"errors": [payload.decode("utf-8", "replace").strip()]}
+            reply = {"errors": [payload.decode("utf-8", "replace").strip()]}
+        if exc.code == 401:  # kubectl's words
+            raise ServerRefused(
+                "error: You must be logged in to the server (Unauthorized): "
+                + "; ".join(str(error) for error in reply.get("errors", []))
+            ) from None
+        if exc.code == 403:
+            raise ServerRefused(
+                "\n".join(f"Error from server (Forbidden): {error}" for error in reply.get("errors", []))
+            ) from None
+        return exc.code, reply
     except (urllib.error.URLError, OSError) as exc:
-        raise ServerUnreachable(f"cannot reach the control plane at {server}: {exc}") from None
-
-
-# kubectl names a type by its plural and API group in messages ("wasmplugins.extensions.istio.io").
-_GROUPS = {
-    "WasmPlugin": "extensions.istio.io",
-    "Secret": "",
-    "Workload": "wasmesh.io",
-    "Gateway": "wasmesh.io",
-}
-
-
-def _group(kind: str) -> str:
-    return _GROUPS.get(kind, "wasmesh.io") or "v1"
+        raise ServerUnreachable(f"cannot reach the control plane at {server.server}: {exc}") from None
 
 
 def _singular(kind: str) -> str:
     """`wasmplugin.extensions.istio.io`, `secret`: how kubectl names one object's type."""
-    group = _GROUPS.get(kind, "wasmesh.io")
+    group = api_group(kind)
     return f"{kind.lower()}.{group}" if group else kind.lower()
 
 
 def _plural(kind: str) -> str:
-    group = _GROUPS.get(kind, "wasmesh.io")
+    group = api_group(kind)
     return f"{kind.lower()}s.{group}" if group else f"{kind.lower()}s"
 
 
@@ -203,7 +326,7 @@ def _print_errors(reply: dict[str, Any]) -> None:
         print(f"error: {error}", file=sys.stderr)
 
 
-def _send_files(server: str, filenames: list[str], path: str) -> int:
+def _send_files(server: Connection, filenames: list[str], path: str) -> int:
     files, errors = expand_paths(filenames)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -219,7 +342,7 @@ def _send_files(server: str, filenames: list[str], path: str) -> int:
             source = "-" if str(file) == "-" else str(file.resolve())
             _status, reply = _request(server, "POST", f"{path}?source={quote(source)}", text.encode())
         except ServerUnreachable as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _report(exc)
             return 1
         for warning in reply.get("warnings", []):
             print(f"Warning: {warning}", file=sys.stderr)
@@ -240,7 +363,11 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    return _send_files(args.server, args.filename, "/apply")
+    try:
+        return _send_files(_connection(args), args.filename, "/apply")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_delete(args: argparse.Namespace) -> int:
@@ -248,7 +375,11 @@ def run_delete(args: argparse.Namespace) -> int:
         if args.resource or args.all:
             print("error: use either -f FILE or RESOURCE NAME / --all, not both", file=sys.stderr)
             return 2
-        return _send_files(args.server, args.filename, "/delete")
+        try:
+            return _send_files(_connection(args), args.filename, "/delete")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if not args.resource:
         print("error: you must specify -f FILE, or a resource type with NAME or --all", file=sys.stderr)
         return 2
@@ -274,9 +405,14 @@ def run_delete(args: argparse.Namespace) -> int:
         return 2
     namespace = args.namespace or "default"
     try:
+        server = _connection(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
         if args.all:
             query = "" if args.all_namespaces else f"?namespace={quote(namespace)}"
-            _status, reply = _request(args.server, "DELETE", f"/resources/{kind}{query}")
+            _status, reply = _request(server, "DELETE", f"/resources/{kind}{query}")
             results: list[dict[str, Any]] = reply.get("results", [])
             for result in results:
                 _print_result(result)
@@ -287,9 +423,7 @@ def run_delete(args: argparse.Namespace) -> int:
             return 1 if reply.get("errors") else 0
         failed = False
         for name in args.names:
-            status, reply = _request(
-                args.server, "DELETE", f"/resources/{kind}/{quote(namespace)}/{quote(name)}"
-            )
+            status, reply = _request(server, "DELETE", f"/resources/{kind}/{quote(namespace)}/{quote(name)}")
             for result in reply.get("results", []):
                 _print_result(result)
             if status == 404:
@@ -300,7 +434,7 @@ def run_delete(args: argparse.Namespace) -> int:
                 failed = True
         return 1 if failed else 0
     except ServerUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 1
 
 
@@ -376,7 +510,7 @@ def render_table(
     return _columns([header, *rows])
 
 
-def _plugin_statuses(server: str, namespace: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+def _plugin_statuses(server: Connection, namespace: str | None) -> dict[tuple[str, str], dict[str, Any]]:
     query = f"?namespace={quote(namespace)}" if namespace else ""
     status, reply = _request(server, "GET", f"/status/wasmplugins{query}")
     if status != 200:
@@ -385,7 +519,7 @@ def _plugin_statuses(server: str, namespace: str | None) -> dict[tuple[str, str]
 
 
 def _fetch_items(
-    server: str, kind: str, name: str | None, namespace: str | None
+    server: Connection, kind: str, name: str | None, namespace: str | None
 ) -> tuple[list[dict[str, Any]] | None, int]:
     """The stored documents asked for; (None, exit code) after printing the error."""
     if name:
@@ -426,7 +560,12 @@ def run_get(args: argparse.Namespace) -> int:
         return scope
     kind, namespace = scope
     try:
-        items, code = _fetch_items(args.server, kind, args.name, namespace)
+        server = _connection(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        items, code = _fetch_items(server, kind, args.name, namespace)
         if items is None:
             return code
         if args.output == "json":
@@ -442,7 +581,7 @@ def run_get(args: argparse.Namespace) -> int:
             where = f" in {namespace} namespace" if namespace else ""
             print(f"No resources found{where}.", file=sys.stderr)
         else:
-            statuses = _plugin_statuses(args.server, namespace) if kind == "WasmPlugin" else None
+            statuses = _plugin_statuses(server, namespace) if kind == "WasmPlugin" else None
             print(
                 render_table(
                     kind,
@@ -454,7 +593,7 @@ def run_get(args: argparse.Namespace) -> int:
                 end="",
             )
     except ServerUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 1
     return 0
 
@@ -525,7 +664,7 @@ def describe_text(kind: str, item: dict[str, Any], status: dict[str, Any] | None
         data = {**(item.get("data") or {}), **(item.get("stringData") or {})}
         lines.append("Data")
         lines.append("====")
-        lines.extend(f"{key}:  {len(str(value))} bytes" for key, value in data.items())
+        lines.extend(f"{key}:  {value}" for key, value in data.items())  # the API redacts values
     else:
         lines.append("Spec:")
         lines.extend(_describe_value(item.get("spec") or {}, 1))
@@ -565,14 +704,19 @@ def run_describe(args: argparse.Namespace) -> int:
         return scope
     kind, namespace = scope
     try:
-        items, code = _fetch_items(args.server, kind, args.name, namespace)
+        server = _connection(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        items, code = _fetch_items(server, kind, args.name, namespace)
         if items is None:
             return code
         if not items:
             where = f" in {namespace} namespace" if namespace else ""
             print(f"No resources found{where}.", file=sys.stderr)
             return 0
-        statuses = _plugin_statuses(args.server, namespace) if kind == "WasmPlugin" else {}
+        statuses = _plugin_statuses(server, namespace) if kind == "WasmPlugin" else {}
         texts = []
         for item in items:
             metadata = item.get("metadata", {})
@@ -580,9 +724,141 @@ def run_describe(args: argparse.Namespace) -> int:
             texts.append(describe_text(kind, item, statuses.get(key)))
         print("\n\n".join(text.rstrip("\n") for text in texts))
     except ServerUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 1
     return 0
+
+
+def _local_user() -> str:
+    """Who ran a token command, for the audit log (the state dir's owner runs them locally)."""
+    try:
+        return f"local:{os.getlogin()}"
+    except OSError:
+        return f"local:uid={os.getuid()}"
+
+
+def run_token(args: argparse.Namespace) -> int:
+    state_dir: Path = args.token_state_dir or args.state_dir or default_state_dir()
+    tokens = TokenStore(state_dir)
+    audit = AuditLog(state_dir / AUDIT_FILE)
+    try:
+        if args.token_command == "create":
+            namespaces = [
+                part.strip() for value in args.namespace for part in value.split(",") if part.strip()
+            ]
+            ttl = parse_ttl(args.ttl) if args.ttl else None
+            record, value = tokens.create(args.user, args.role, namespaces, ttl)
+            scope = ",".join(record.namespaces) or "*"
+            audit.record(
+                user=_local_user(),
+                verb="create",
+                kind="Token",
+                name=record.id,
+                code=200,
+                source="cli",
+                reason=f"user={record.user} role={record.role} namespaces={scope}",
+            )
+            print(f'token "{record.id}" created for user "{record.user}" ({record.role})', file=sys.stderr)
+            print(value)  # the only time the value is shown; it is stored hashed
+            return 0
+        if args.token_command == "revoke":
+            record = tokens.revoke(args.id)
+            audit.record(
+                user=_local_user(), verb="delete", kind="Token", name=record.id, code=200, source="cli"
+            )
+            print(f'token "{record.id}" revoked')
+            return 0
+        now = datetime.now(UTC).timestamp()
+        rows = [["ID", "USER", "ROLE", "NAMESPACES", "EXPIRES", "STATE"]]
+        rows += [list(describe_record(record, now).values()) for record in tokens.records()]
+        print(_columns(rows), end="")
+        return 0
+    except AuthError as exc:
+        if args.token_command == "revoke":
+            audit.record(
+                user=_local_user(), verb="delete", kind="Token", name=args.id, code=404, source="cli"
+            )
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _register_config(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = subparsers.add_parser(
+        "config", help=f"client contexts: server, CA and token (${CONFIG_ENV} or ~/.wasmesh/config, 0600)"
+    )
+    commands = config.add_subparsers(
+        dest="config_command", metavar="{set-context,use-context,current-context,view}", required=True
+    )
+    set_context = commands.add_parser(
+        "set-context", help="create or update a context (and use it if none is)"
+    )
+    set_context.add_argument("name")
+    set_context.add_argument("--server", help="control plane API URL, e.g. https://127.0.0.1:15014")
+    set_context.add_argument("--certificate-authority", help="CA file that signed the API's serving cert")
+    set_context.add_argument(
+        "--embed-certs", action="store_true", help="store the CA file's PEM in the config instead of its path"
+    )
+    set_context.add_argument("--token", help="bearer token")
+    set_context.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    set_context.add_argument(
+        "--insecure-skip-tls-verify", action="store_true", default=None, help="do not verify the serving cert"
+    )
+    use = commands.add_parser("use-context", help="make a context the current one")
+    use.add_argument("name")
+    commands.add_parser("current-context", help="print the current context's name")
+    commands.add_parser("view", help="print the client config (tokens redacted)")
+    config.set_defaults(handler=run_config)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config()
+        if args.config_command == "view":
+            print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+            return 0
+        if args.config_command == "current-context":
+            if not config["current-context"]:
+                print("error: current-context is not set", file=sys.stderr)
+                return 1
+            print(config["current-context"])
+            return 0
+        if args.config_command == "use-context":
+            if find_context(config, args.name) is None:
+                print(f'error: no context exists with the name: "{args.name}"', file=sys.stderr)
+                return 1
+            config["current-context"] = args.name
+            save_config(config)
+            print(f'Switched to context "{args.name}".')
+            return 0
+        context = find_context(config, args.name)
+        created = context is None
+        if context is None:
+            context = {"name": args.name}
+            config["contexts"].append(context)
+        if args.server:
+            context["server"] = args.server
+        if args.certificate_authority:
+            ca = Path(args.certificate_authority)
+            if args.embed_certs:
+                context["certificate-authority-data"] = ca.read_text(encoding="utf-8")
+                context.pop("certificate-authority", None)
+            else:
+                context["certificate-authority"] = str(ca.resolve())
+                context.pop("certificate-authority-data", None)
+        if args.token_file is not None:
+            context["token"] = args.token_file.read_text(encoding="utf-8").strip()
+        elif args.token:
+            context["token"] = args.token
+        if args.insecure_skip_tls_verify is not None:
+            context["insecure-skip-tls-verify"] = bool(args.insecure_skip_tls_verify)
+        if not config["current-context"]:
+            config["current-context"] = args.name
+        save_config(config)
+        print(f'Context "{args.name}" {"created" if created else "modified"}.')
+        return 0
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_envoy_bootstrap(args: argparse.Namespace) -> int:

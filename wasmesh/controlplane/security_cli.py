@@ -39,11 +39,12 @@ def _state_dir_flag(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help=f"where the CA root and the tokens live (default {default_state_dir()})",
+        help=f"the CA root, tokens, audit log and API cert (default {default_state_dir()})",
     )
 
 
-def add_security_commands(serve: argparse.ArgumentParser) -> None:
+def add_security_flags(serve: argparse.ArgumentParser) -> None:
+    """The control plane's CA and mTLS flags, and the --state-dir every security file lives in."""
     group = serve.add_argument_group("xDS security (mTLS with the built-in CA unless --plaintext)")
     group.add_argument(
         "--plaintext",
@@ -70,8 +71,13 @@ def add_security_commands(serve: argparse.ArgumentParser) -> None:
         help="longest workload certificate lifetime (default 86400)",
     )
 
-    commands = serve.add_subparsers(dest="security_command", metavar="{token,cert}")
-    token = commands.add_parser("token", help="bootstrap tokens").add_subparsers(dest="token_command")
+
+
+def add_security_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bootstrap-token create` (a proxy's first credential) and `cert create` (pre-provisioned)."""
+    token = commands.add_parser(
+        "bootstrap-token", help="bootstrap tokens proxies trade for a certificate"
+    ).add_subparsers(dest="bootstrap_token_command")
     create = token.add_parser("create", help="print a new bootstrap token for one identity")
     _identity_flags(create)
     create.add_argument("--ttl", type=float, default=DEFAULT_TOKEN_TTL, metavar="SECONDS")

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from wasmesh.controlplane.auth import ApiSecurity
 from wasmesh.controlplane.generator import MeshSnapshotGenerator
 from wasmesh.controlplane.httpapi import ApiHandler, serve_http
 from wasmesh.controlplane.status import PluginStatus
@@ -64,6 +65,8 @@ class ControlPlaneOptions:
     # None: plain-text xDS (only on a loopback host; proxies are not authenticated and never get
     # pull secrets). The `wasmesh control-plane` command sets it unless given --plaintext.
     security: XdsSecurityOptions | None = None
+    # TLS, tokens and audit for the HTTP API (wasmesh.controlplane.auth); None: plain HTTP, no auth.
+    api_security: ApiSecurity | None = None
 
 
 class ControlPlane:
@@ -112,18 +115,27 @@ class ControlPlane:
         if self.watcher is not None:
             self.watcher.scan()  # serve the directory's content from the first connection on
         await self._start_xds()
+        security = self.options.api_security
         handler = ApiHandler(
-            self.store, self.metrics, self.ads.describe, plugin_status=self.status, ready=lambda: self.serving
+            self.store,
+            self.metrics,
+            self.ads.describe,
+            plugin_status=self.status,
+            ready=lambda: self.serving,
+            tokens=security.tokens if security is not None else None,
+            audit=security.audit if security is not None else None,
         )
-        self._http = await serve_http(handler, self.options.host, self.options.api_port)
+        tls = security.ssl_context if security is not None else None
+        self._http = await serve_http(handler, self.options.host, self.options.api_port, tls)
         self.api_port = int(self._http.sockets[0].getsockname()[1])
         if self.watcher is not None:
             self._watch_task = asyncio.create_task(self.watcher.run(self.options.poll_interval))
         self.serving = True
         log.info(
-            "control plane: xDS on %s:%d, API on http://%s:%d (root namespace %s)",
+            "control plane: xDS on %s:%d, API on %s://%s:%d (root namespace %s)",
             self.options.host,
             self.xds_port,
+            "https" if tls is not None else "http",
             self.options.host,
             self.api_port,
             self.options.root_namespace,

@@ -40,6 +40,8 @@ KIND_ALIASES: Mapping[str, str] = {
     "secret": "Secret",
     "secrets": "Secret",
 }
+REDACTED = "<redacted>"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 SUPPORTED_KINDS = ("WasmPlugin", "Workload", "Gateway", "Secret")
 
 Parsed = WasmPlugin | Workload | Secret
@@ -81,6 +83,20 @@ class StoredResource:
     @property
     def resource_version(self) -> str:
         return str(self.body["metadata"]["resourceVersion"])
+
+    def public_body(self) -> dict[str, Any]:
+        """The document as the API returns it: a Secret's values are never readable back."""
+        body = copy.deepcopy(dict(self.body))
+        if self.kind != "Secret":
+            return body
+        for field_name in ("data", "stringData"):
+            values = body.get(field_name)
+            if isinstance(values, Mapping):
+                body[field_name] = {key: REDACTED for key in values}
+        annotations = (body.get("metadata") or {}).get("annotations")
+        if isinstance(annotations, dict) and LAST_APPLIED in annotations:  # kubectl's copy of the data
+            annotations[LAST_APPLIED] = REDACTED
+        return body
 
 
 def _now() -> datetime:

@@ -1,6 +1,6 @@
 """Bootstrap tokens: one-identity secrets a proxy trades for its first workload certificate.
 
-`wasmesh control-plane token create --state-dir DIR --namespace NS --name NAME` prints a new
+`wasmesh control-plane bootstrap-token create --state-dir DIR --namespace NS --name NAME` prints a new
 token and appends `sha256(token) NS NAME EXPIRY` to DIR/tokens (0600). Only the digest is kept,
 so the file does not give the tokens away; the control plane re-reads it on every CSR, so tokens
 created while it runs work at once, and deleting a line revokes that token (certificates already

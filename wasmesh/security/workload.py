@@ -192,7 +192,9 @@ def add_xds_tls_flags(parser: argparse.ArgumentParser) -> None:
         "--xds-root-cert", metavar="FILE", help="the mesh root CA (the control plane's ca-cert.pem)"
     )
     group.add_argument(
-        "--xds-token-file", metavar="FILE", help="bootstrap token (`wasmesh control-plane token create`)"
+        "--xds-token-file",
+        metavar="FILE",
+        help="bootstrap token (`wasmesh control-plane bootstrap-token create`)",
     )
     group.add_argument(
         "--ca-address",
