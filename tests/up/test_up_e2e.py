@@ -12,23 +12,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 class UpProcess:
-    def __init__(self, examples: Path) -> None:
+    def __init__(self, examples: Path, client_config: Path) -> None:
         self.output: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wasmesh", "up", "--examples", str(examples),
              "--gateway-port", "0", "--admin-port", "0", "--xds-port", "0", "--api-port", "0",
              "--ca-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "WASMESH_CONFIG": str(client_config)},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -69,14 +70,26 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mesh(examples: Path) -> Iterator[tuple[UpProcess, int]]:
-    up = UpProcess(examples)
+def client_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CLI's client config for this module: `wasmesh up` writes its context here, as kind does."""
+    path = tmp_path_factory.mktemp("client") / "config"
+    path.write_text("current-context: mine\ncontexts:\n- name: mine\n  server: https://127.0.0.1:1\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mesh(examples: Path, client_config: Path) -> Iterator[tuple[UpProcess, int]]:
+    up = UpProcess(examples, client_config)
     try:
         m = up.wait_for(r"gateway \(istio: ingressgateway\)\s+http://127\.0\.0\.1:(\d+)", timeout=120)
         yield up, int(m.group(1))
     finally:
         code = up.stop()
         assert code == 0, "".join(up.output)[-3000:]
+        # Stopping removes the mesh's context and gives the user back their own.
+        config = yaml.safe_load(client_config.read_text())
+        assert config["current-context"] == "mine"
+        assert [c["name"] for c in config["contexts"]] == ["mine"]
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -101,13 +114,20 @@ def fresh_bucket() -> None:
 @pytest.fixture(scope="module")
 def api_server(mesh: tuple[UpProcess, int]) -> str:
     up, _ = mesh
-    return up.wait_for(r"control plane API\s+(http://127\.0\.0\.1:\d+)", timeout=5).group(1)
+    return up.wait_for(r"control plane API\s+(https://127\.0\.0\.1:\d+)", timeout=5).group(1)
 
 
-def wasmesh(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wasmesh", *argv], capture_output=True, text=True, timeout=60, cwd=REPO
-    )
+@pytest.fixture(scope="module")
+def wasmesh(client_config: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The CLI as the tour runs it: no --server or token, only the context `wasmesh up` made current."""
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "wasmesh", *argv], capture_output=True, text=True, timeout=60, cwd=REPO,
+            env={**os.environ, "WASMESH_CONFIG": str(client_config)},
+        )
+
+    return run
 
 
 def test_request_tracking_adds_the_configured_header(mesh: tuple[UpProcess, int]) -> None:
@@ -120,8 +140,10 @@ def test_request_tracking_adds_the_configured_header(mesh: tuple[UpProcess, int]
     assert headers.get("who-am-i") == "httpbin-sidecar"
 
 
-def test_every_plugin_is_ready_on_the_proxy_it_selects(mesh: tuple[UpProcess, int], api_server: str) -> None:
-    result = wasmesh("get", "wasmplugins", "-n", "istio-system", "--server", api_server)
+def test_every_plugin_is_ready_on_the_proxy_it_selects(
+    mesh: tuple[UpProcess, int], wasmesh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    result = wasmesh("get", "wasmplugins", "-n", "istio-system")
     assert result.returncode == 0, result.stderr
     rows = [line.split()[:3] for line in result.stdout.splitlines()]
     assert rows == [
@@ -130,14 +152,14 @@ def test_every_plugin_is_ready_on_the_proxy_it_selects(mesh: tuple[UpProcess, in
         ["rate-limit", "1/1", "AUTHZ"],
         ["request-tracking", "1/1", "STATS"],
     ]
-    described = wasmesh("describe", "wasmplugin", "rate-limit", "-n", "istio-system", "--server", api_server)
+    described = wasmesh("describe", "wasmplugin", "rate-limit", "-n", "istio-system")
     lines = described.stdout.splitlines()
     proxies = lines[lines.index("  Proxies:") + 1 : lines.index("Warnings:  <none>")]
     assert [row.split()[1:] for row in proxies] == [
         ["NODE", "NAMESPACE", "STATE", "LAST", "ERROR"],
         ["httpbin", "default", "ACK", "<none>"],
     ]
-    gateway = wasmesh("describe", "wasmplugin", "basic-auth", "-n", "istio-system", "--server", api_server)
+    gateway = wasmesh("describe", "wasmplugin", "basic-auth", "-n", "istio-system")
     assert "    ingressgateway-" in gateway.stdout and " istio-system   ACK " in gateway.stdout
 
 
@@ -197,3 +219,14 @@ def test_editing_an_example_takes_effect_live(mesh: tuple[UpProcess, int], examp
             break
     else:
         raise AssertionError(f"edit not applied; last body {body!r}; output:\n{''.join(up.output)[-3000:]}")
+
+
+def test_the_api_wants_the_admin_token(
+    api_server: str, wasmesh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """The mesh's API is TLS with tokens: the tour's context carries one; without one, 401."""
+    # Context "mine" has no token.
+    anonymous = wasmesh("get", "wasmplugins", "-n", "istio-system", "--context", "mine",
+                        "--server", api_server, "--insecure-skip-tls-verify")  # fmt: skip
+    assert anonymous.returncode == 1
+    assert anonymous.stderr.startswith("error: You must be logged in to the server (Unauthorized)")

@@ -36,7 +36,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from wasmesh.controlplane.auth import ADMIN_TOKEN_FILE, API_CERT_FILE, ApiSecurity, ensure_admin_token
+from wasmesh.controlplane.clientconfig import ConfigError, load_config, save_config
 from wasmesh.security.ca import CA_CERT_FILE, write_private
 from wasmesh.security.tokens import create_token
 from wasmesh.up.apps import serve_sample_app
@@ -46,6 +49,7 @@ log = logging.getLogger("wasmesh.up")
 GATEWAY_NAME = "ingressgateway"
 GATEWAY_NAMESPACE = "istio-system"
 APP_NAMESPACE = "default"
+UP_CONTEXT = "wasmesh-up"  # the client config context `wasmesh up` points the CLI at
 SIDECARS = ("httpbin", "productpage")  # Workload name = node id = app label
 _FILE_URL = re.compile(r"^(?P<lead>\s*url:\s*[\"']?)file://(?P<path>[^\"'\s#]+)", re.MULTILINE)
 
@@ -225,7 +229,7 @@ async def _wait_http(port: int, path: str, timeout: float) -> bool:
 
 def _banner(ports: MeshPorts, examples: Path) -> str:
     g = f"http://127.0.0.1:{ports.gateway}"
-    api = f"http://127.0.0.1:{ports.api}"
+    api = f"https://127.0.0.1:{ports.api}"
     return f"""
 wasmesh demo mesh is up.
 
@@ -233,7 +237,7 @@ wasmesh demo mesh is up.
   gateway admin                    http://127.0.0.1:{ports.admin}/stats/prometheus
   sidecar (app: httpbin)           http://127.0.0.1:{ports.httpbin_sidecar}   (in front of httpbin)
   sidecar (app: productpage)       http://127.0.0.1:{ports.productpage_sidecar}   (in front of productpage)
-  control plane API                {api}
+  control plane API                {api}   (TLS + admin token: client context "{UP_CONTEXT}")
   control plane xDS                127.0.0.1:{ports.xds}   (mTLS: each proxy has its own SPIFFE identity)
   example WasmPlugins              {examples}/*/wasmplugin.yaml  (edit one: the change is live)
 
@@ -244,11 +248,46 @@ Try:
   curl -si {g}/productpage                  # 401 without credentials (basic-auth, gateway)
   curl -si -u ok:test {g}/productpage       # 200
   curl -si -H 'Authorization: Basic YWRtaW4zOmFkbWluMw==' {g}/productpage   # 200 (admin3:admin3)
-  wasmesh get wasmplugins -n {GATEWAY_NAMESPACE} --server {api}   # READY: proxies running each plugin
-  wasmesh describe wasmplugin rate-limit -n {GATEWAY_NAMESPACE} --server {api}
+  wasmesh get wasmplugins -n {GATEWAY_NAMESPACE}   # READY: proxies running each plugin
+  wasmesh describe wasmplugin rate-limit -n {GATEWAY_NAMESPACE}
 
 Plugin logs follow. Ctrl-C stops everything.
 """
+
+
+def _without_up_context(contexts: list[Any]) -> list[Any]:
+    return [c for c in contexts if not (isinstance(c, dict) and c.get("name") == UP_CONTEXT)]
+
+
+def use_up_context(ports: MeshPorts, pki: Path) -> str:
+    """Point the CLI's client config at this mesh's API, as kind writes a kubeconfig context.
+
+    The context holds the API's CA inline and the admin token (0600 file, never printed); it becomes
+    the current context, and the previous current context is returned so that stopping restores it.
+    """
+    admin_token = ensure_admin_token(pki) or pki / ADMIN_TOKEN_FILE
+    config = load_config()
+    previous = str(config.get("current-context") or "")
+    config["contexts"] = _without_up_context(config["contexts"])
+    config["contexts"].append({
+        "name": UP_CONTEXT,
+        "server": f"https://127.0.0.1:{ports.api}",
+        "certificate-authority-data": (pki / API_CERT_FILE).read_text(encoding="ascii"),
+        "token": admin_token.read_text(encoding="ascii").strip(),
+    })
+    config["current-context"] = UP_CONTEXT
+    save_config(config)
+    return "" if previous == UP_CONTEXT else previous
+
+
+def drop_up_context(previous: str) -> None:
+    """Remove this mesh's context again (its token and CA die with the mesh)."""
+    with contextlib.suppress(ConfigError, OSError):
+        config = load_config()
+        config["contexts"] = _without_up_context(config["contexts"])
+        if config.get("current-context") == UP_CONTEXT:
+            config["current-context"] = previous
+        save_config(config)
 
 
 def issue_bootstrap_token(pki: Path, namespace: str, name: str) -> Path:
@@ -295,6 +334,7 @@ async def _run(args: argparse.Namespace) -> int:
     proxies: dict[str, subprocess.Popen[bytes]] = {}
     control_plane: ControlPlane | None = None
     servers: list[asyncio.AbstractServer] = []
+    previous_context: str | None = None
     try:
         (state / "gateway.yaml").write_text(gateway_resource(ports), encoding="utf-8")
         for name in SIDECARS:
@@ -306,8 +346,10 @@ async def _run(args: argparse.Namespace) -> int:
         control_plane = ControlPlane(ControlPlaneOptions(
             config_dir=state, xds_port=ports.xds, api_port=ports.api, root_namespace=GATEWAY_NAMESPACE,
             security=XdsSecurityOptions(state_dir=pki, ca_port=ports.ca),
+            api_security=ApiSecurity.from_state_dir(pki, "127.0.0.1"),
         ))
         await control_plane.start()
+        previous_context = use_up_context(ports, pki)
         proxies["gateway"] = _start_proxy(
             ports, pki, GATEWAY_NAME, GATEWAY_NAMESPACE, "istio=ingressgateway",
             "--admin", f"127.0.0.1:{ports.admin}",
@@ -352,6 +394,8 @@ async def _run(args: argparse.Namespace) -> int:
             await control_plane.stop()
         for server in servers:
             server.close()
+        if previous_context is not None:
+            drop_up_context(previous_context)
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(pki, ignore_errors=True)
 
