@@ -141,4 +141,4 @@ def test_request_headers_timeout_answers_408(tmp_path: Path) -> None:
     ) as timed:
         slow = b"GET / HTTP/1.1\r\nhost: example.com\r\nx-slow: "
         envoy, mine = timed.both(slow, timeout_s=20)
-        assert envoy == mine == local_reply(b"408 Request Timeout", b"request timeout")
+        assert envoy == mine == local_reply(b"408 Request Timeout", b"request header timeout")

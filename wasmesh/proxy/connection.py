@@ -429,7 +429,7 @@ class DownstreamConnection(asyncio.Protocol):
             return
         if watched[0]:
             log.debug("listener %s: request headers timeout for %s", self.listener.name, self.peer)
-            self._reply_and_close(408)
+            self._reply_and_close(408, body=b"request header timeout")  # Envoy's words
         else:
             log.debug("listener %s: idle timeout for %s", self.listener.name, self.peer)
             self._close()
@@ -449,12 +449,15 @@ class DownstreamConnection(asyncio.Protocol):
         log.debug("listener %s: %s from %s", self.listener.name, error, self.peer)
         self._reply_and_close(error.status, bare=error.bare)
 
-    def _reply_and_close(self, status: int, *, bare: bool = False) -> None:
+    def _reply_and_close(self, status: int, *, bare: bool = False, body: bytes | None = None) -> None:
         """Answer ``status`` (unless a response is already under way) and close."""
         ex = self.current
         respond = ex is None or not ex.response_started
         if ex is not None:
             ex.keep_alive = False
         if respond and self.transport is not None:
-            self.write(bare_response(status) if bare else simple_response(status, reason_phrase(status)))
+            if bare:
+                self.write(bare_response(status))
+            else:
+                self.write(simple_response(status, reason_phrase(status) if body is None else body))
         self._close()

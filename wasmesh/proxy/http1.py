@@ -19,6 +19,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
 
+# Connection tokens that name no header to drop; the framing headers stay (the body depends on them).
+_NOT_NOMINATABLE = frozenset({b"close", b"keep-alive", b"", b"content-length", b"transfer-encoding"})
+
 LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 
@@ -103,6 +106,7 @@ class RequestParser:
         "max_head_bytes",
         "max_headers",
         "accept_http_10",
+        "_nominated",
         "messages_begun",
         "trailers",
     )
@@ -125,6 +129,7 @@ class RequestParser:
         self._size = 0
         self._error: BadMessage | None = None
         self._trailer_pairs: list[tuple[bytes, bytes]] | None = None  # a list once the head is parsed
+        self._nominated: bytes | None = None  # the Connection header's value, if any
         self._in_head = False  # a request began and its head is not complete yet
         self._head_began = False  # a request began during the current feed
         self._unparsed_head = 0  # bytes fed into an incomplete head (httptools buffers them)
@@ -170,6 +175,7 @@ class RequestParser:
         self._pairs = [(b":authority", b""), (b":path", b""), (b":method", b""), (b":scheme", self._scheme)]
         self._has_body = False
         self._host_seen = False
+        self._nominated = None
         self._size = _REQUEST_HEAD_FRAMING
         self._trailer_pairs = None
         self._in_head = True
@@ -212,6 +218,8 @@ class RequestParser:
             elif value.strip().lower() != b"chunked":
                 # Envoy's codec implements chunked only ("identity, chunked", "gzip"...: 501).
                 raise self._reject("unsupported transfer encoding", 501)
+        elif lname == b"connection":
+            self._nominated = value if self._nominated is None else self._nominated + b"," + value
         self._pairs.append((lname, value))
 
     def on_headers_complete(self) -> None:
@@ -235,9 +243,18 @@ class RequestParser:
             raise self._reject("missing Host header", bare=True)
         self._trailer_pairs = []
         self._in_head = False
+        if self._nominated is not None:
+            self._drop_nominated(self._nominated)
         self._handler.on_request_headers(
             HeaderMap.from_lowercase(self._pairs), not self._has_body, p.should_keep_alive(), http10
         )
+
+    def _drop_nominated(self, connection: bytes) -> None:
+        """Headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1): never
+        forwarded, as Envoy drops them (``close``/``keep-alive`` name no header of their own)."""
+        names = {t.strip().lower() for t in connection.split(b",")} - _NOT_NOMINATABLE
+        if names:
+            self._pairs = [(k, v) for k, v in self._pairs if k not in names or k[:1] == b":"]
 
     def on_body(self, body: bytes) -> None:
         self._handler.on_request_body(body)
