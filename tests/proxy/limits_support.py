@@ -135,7 +135,10 @@ def comparable(answer: bytes) -> bytes:
 
 def request(path: str = "/", extra: bytes = b"", version: bytes = b"HTTP/1.1", host: bool = True) -> bytes:
     return b"GET %b %b\r\n%b%b\r\n" % (
-        path.encode(), version, b"host: example.com\r\n" if host else b"", extra
+        path.encode(),
+        version,
+        b"host: example.com\r\n" if host else b"",
+        extra,
     )
 
 

@@ -138,7 +138,7 @@ class ListenerConfig:
 
     @property
     def tls_mode(self) -> str:
-        """"plaintext", "tls" or "mtls": a change of mode needs a new listening socket (restart)."""
+        """ "plaintext", "tls" or "mtls": a change of mode needs a new listening socket (restart)."""
         if self.tls is None:
             return "plaintext"
         return "mtls" if self.tls.mutual else "tls"
@@ -636,15 +636,22 @@ def _parse_listener(
         else None,
         max_request_headers_kb=_int_in(
             d.get("max_request_headers_kb", DEFAULT_MAX_REQUEST_HEADERS_KB),
-            1, MAX_HEADERS_KB_CAP, ctx, f"{path}.max_request_headers_kb",
+            1,
+            MAX_HEADERS_KB_CAP,
+            ctx,
+            f"{path}.max_request_headers_kb",
         ),  # fmt: skip
         max_headers_count=_int_in(
             d.get("max_headers_count", DEFAULT_MAX_HEADERS_COUNT),
-            1, 1_000_000, ctx, f"{path}.max_headers_count",
+            1,
+            1_000_000,
+            ctx,
+            f"{path}.max_headers_count",
         ),  # fmt: skip
         request_headers_timeout_s=parse_duration(
             d.get("request_headers_timeout", DEFAULT_REQUEST_HEADERS_TIMEOUT_S),
-            ctx, f"{path}.request_headers_timeout",
+            ctx,
+            f"{path}.request_headers_timeout",
         ),  # fmt: skip
         idle_timeout_s=parse_duration(
             d.get("idle_timeout", DEFAULT_DOWNSTREAM_IDLE_TIMEOUT_S), ctx, f"{path}.idle_timeout"
@@ -701,11 +708,17 @@ def _parse_cluster(raw: object, ctx: ConfigContext, path: str) -> ClusterConfig:
         max_idle_per_endpoint=max_idle,
         max_response_headers_kb=_int_in(
             d.get("max_response_headers_kb", DEFAULT_MAX_RESPONSE_HEADERS_KB),
-            1, MAX_HEADERS_KB_CAP, ctx, f"{path}.max_response_headers_kb",
+            1,
+            MAX_HEADERS_KB_CAP,
+            ctx,
+            f"{path}.max_response_headers_kb",
         ),  # fmt: skip
         max_headers_count=_int_in(
             d.get("max_headers_count", DEFAULT_MAX_HEADERS_COUNT),
-            1, 1_000_000, ctx, f"{path}.max_headers_count",
+            1,
+            1_000_000,
+            ctx,
+            f"{path}.max_headers_count",
         ),  # fmt: skip
     )
 
