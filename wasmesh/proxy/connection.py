@@ -74,6 +74,7 @@ class Listener:
         self.tls_context: ssl.SSLContext | None = config.tls.context if config.tls is not None else None
         self.cx_overflow = 0  # connections closed at once: max_connections was reached
         self._sweeper: asyncio.TimerHandle | None = None
+        self._accepting = False  # the sweep ends once this is false and no connection is left
 
     def swap_chain(self, chain: PluginChain) -> PluginChain:
         """Install ``chain`` for new exchanges; the old one is retired (freed once its exchanges end)."""
@@ -82,11 +83,14 @@ class Listener:
         return old
 
     def update_routes(self, config: ListenerConfig) -> None:
-        """New routes (and TLS certificates); the TLS mode itself only changes with a restart."""
-        self.config = config
+        """New routes, limits and TLS certificates; the TLS mode itself only changes with a restart."""
+        self.config = config  # new connections take its limits; the sweep its timeouts
         self.router = Router(config.virtual_hosts)
         if config.tls is not None and self.tls_context is not None:
             self.tls_context = config.tls.context
+        interval = self._sweep_interval()
+        if self._sweeper is None and self._accepting and interval is not None:
+            self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _on_client_hello(
         self, ssl_object: ssl.SSLObject, server_name: str | None, initial: ssl.SSLContext
@@ -111,7 +115,7 @@ class Listener:
         for c in list(self.connections):
             c.check_timeouts(now, config.request_headers_timeout_s, config.idle_timeout_s)
         interval = self._sweep_interval()
-        if interval is not None and (self.server is not None or self.connections):
+        if interval is not None and (self._accepting or self.connections):
             self._sweeper = self.loop.call_later(interval, self._sweep)
 
     async def start(self, reuse_port: bool = False, sock: Any = None) -> None:
@@ -131,6 +135,7 @@ class Listener:
                 backlog=2048,
                 ssl=server_ssl,
             )
+        self._accepting = True
         interval = self._sweep_interval()
         if interval is not None:
             self._sweeper = self.loop.call_later(interval, self._sweep)
@@ -142,6 +147,7 @@ class Listener:
         return str(name[0]), int(name[1])
 
     def stop_accepting(self) -> None:
+        self._accepting = False
         if self.server is not None:
             self.server.close()
 

@@ -193,17 +193,16 @@ class RequestParser:
             raise self._reject("request headers too large", 431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4  # trailers count too, as in Envoy
+        # The limits are checked once the head is complete (memory meanwhile is bounded by feed);
+        # each header's ": " and CRLF are added there too. Trailers count as well, as in Envoy.
+        self._size += len(name) + len(value)
         lname = name.lower()
         if self._trailer_pairs is not None:  # after the head: the trailers of a chunked body
+            self._size += 4
             if self._size > self.max_head_bytes or len(self._trailer_pairs) >= self.max_headers:
                 raise self._reject("request trailers too large", 431)
             self._trailer_pairs.append((lname, value))
             return
-        # The pairs hold the four pseudo-headers; Host replaces :authority instead of adding one.
-        count = len(self._pairs) - 3 if self._host_seen else len(self._pairs) - 4
-        if self._size > self.max_head_bytes or count >= self.max_headers:
-            raise self._reject("request headers too large", 431)
         if lname == b"host":
             if self._host_seen:
                 raise self._reject("multiple Host headers")
@@ -223,6 +222,11 @@ class RequestParser:
         self._pairs.append((lname, value))
 
     def on_headers_complete(self) -> None:
+        # The pairs hold the four pseudo-headers; Host replaced :authority instead of adding one.
+        count = len(self._pairs) - 4 + self._host_seen
+        self._size += 4 * count
+        if self._size > self.max_head_bytes or count > self.max_headers:
+            raise self._reject("request headers too large", 431)
         p = self._parser
         if p.should_upgrade():
             raise self._reject("protocol upgrade is not supported")
@@ -381,17 +385,20 @@ class ResponseParser:
         self._size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4
+        self._size += len(name) + len(value)  # ": " and CRLF are added with the count
         if self._headers_done:  # after the head: the trailers of a chunked body
+            self._size += 4
             if self._size > self.max_head_bytes or len(self._trailer_pairs) >= self.max_headers:
                 raise BadMessage("response trailers too large")
             self._trailer_pairs.append((name.lower(), value))
             return
-        if self._size > self.max_head_bytes or len(self._pairs) > self.max_headers:
-            raise BadMessage("response headers too large")
         self._pairs.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        count = len(self._pairs) - 1  # after :status
+        self._size += 4 * count
+        if self._size > self.max_head_bytes or count > self.max_headers:
+            raise BadMessage("response headers too large")  # before anything is forwarded
         status = self._parser.get_status_code()
         self._pairs[0] = (b":status", b"%d" % status)
         self._headers_done = True
