@@ -3,6 +3,7 @@ byte for byte against real Envoy 1.40 (only Envoy's date/server lines are droppe
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +143,20 @@ def test_request_headers_timeout_answers_408(tmp_path: Path) -> None:
         slow = b"GET / HTTP/1.1\r\nhost: example.com\r\nx-slow: "
         envoy, mine = timed.both(slow, timeout_s=20)
         assert envoy == mine == local_reply(b"408 Request Timeout", b"request header timeout")
+
+
+def test_connections_past_the_listener_limit_are_closed_at_once(tmp_path: Path) -> None:
+    """Envoy's runtime listener connection_limit and wasmesh's max_connections (2 here): the
+    third connection is closed at once (FIN, before any request); the two held ones are served."""
+    with limits_pair(tmp_path, connection_limit=2, listener={"max_connections": 2}) as limited:
+        for port in (limited.envoy.listener_port, limited.proxy.port):
+            held = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(2)]
+            try:
+                for sock in held:
+                    sock.sendall(request("/"))
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+                # Nothing sent: closed by the proxy alone (a request racing the close could be a reset).
+                assert exchange(port, b"") == b"<closed>"
+            finally:
+                for sock in held:
+                    sock.close()

@@ -224,7 +224,7 @@ class DownstreamConnection(asyncio.Protocol):
             # Over the listener's limit: closed before a byte is read, as Envoy's connection limit does.
             self.listener.cx_overflow += 1
             self._closing = True
-            transport.abort()
+            transport.close()
             return
         self._accepted = True
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
