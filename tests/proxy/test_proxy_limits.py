@@ -9,7 +9,10 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from proxy_testsupport import EchoServer, StartProxy, simple_config
+
+from wasmesh.proxy.config import ConfigError, parse_config
 
 MIB = 1024 * 1024
 ENDLESS = 100 * MIB  # what the peer tries to send as one header value
@@ -149,3 +152,32 @@ def test_max_connections_closes_the_surplus_at_once(start_proxy: StartProxy, ech
     with socket.create_connection(("127.0.0.1", port), timeout=30) as again:  # room again
         again.sendall(b"GET / HTTP/1.1\r\nhost: example.com\r\nconnection: close\r\n\r\n")
         assert _read_all(again).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "error"),
+    [
+        ("listeners", "max_request_headers_kb", 0, "expected an integer 1-8192, got 0"),
+        ("listeners", "max_headers_count", "many", "expected an integer 1-1000000, got 'many'"),
+        ("listeners", "request_headers_timeout", "soon", "expected a duration like 5s or 250ms, got 'soon'"),
+        ("listeners", "max_connections", -1, "expected an integer 0-10000000, got -1"),
+        ("listeners", "accept_http_10", "yes", "expected true or false"),
+        ("clusters", "max_response_headers_kb", 9000, "expected an integer 1-8192, got 9000"),
+    ],
+)
+def test_limit_settings_are_validated(where: str, key: str, value: object, error: str) -> None:
+    raw = simple_config(1)
+    raw[where][0][key] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, source="proxy.yaml")
+    assert str(caught.value) == f"proxy.yaml: {where}[0].{key}: {error}"
+
+
+def test_limit_defaults() -> None:
+    config = parse_config(simple_config(1), source="proxy.yaml")
+    listener, cluster = config.listeners[0], config.clusters[0]
+    assert (
+        listener.max_request_headers_kb, listener.max_headers_count, listener.request_headers_timeout_s,
+        listener.idle_timeout_s, listener.max_connections, listener.accept_http_10,
+    ) == (60, 100, 10.0, 3600.0, 0, False)  # fmt: skip
+    assert (cluster.max_response_headers_kb, cluster.max_headers_count) == (80, 100)
