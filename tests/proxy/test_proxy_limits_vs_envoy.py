@@ -88,6 +88,7 @@ FRAMING_CASES = {
         request("/", version=b"HTTP/1.0"),
         local_reply(b"426 Upgrade Required", b"Upgrade Required"),
     ),
+    "http_0_9": (b"GET /\r\n\r\n", local_reply(b"426 Upgrade Required", b"Upgrade Required")),
     "te_identity_chunked": (
         b"POST / HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: identity, chunked\r\n\r\n"
         b"2\r\nhi\r\n0\r\n\r\n",

@@ -240,9 +240,11 @@ class RequestParser:
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
         self._pairs[2] = (b":method", p.get_method())
         self._pairs[1] = (b":path", url)
-        http10 = p.get_http_version() == "1.0"
-        if http10 and not self.accept_http_10:
-            raise self._reject("HTTP/1.0 is not accepted (accept_http_10 is off)", 426)
+        version = p.get_http_version()
+        http10 = version == "1.0"
+        if version != "1.1" and not (http10 and self.accept_http_10):
+            # Envoy's default: HTTP/1.0 (unless accept_http_10) and HTTP/0.9 get 426.
+            raise self._reject(f"HTTP/{version} is not accepted", 426)
         if not self._pairs[0][1] and not http10:
             raise self._reject("missing Host header", bare=True)
         self._trailer_pairs = []
