@@ -166,7 +166,10 @@ def test_pipelined_requests_answered_in_order(start_proxy: StartProxy, echo: Ech
 
 
 def test_http10_client(start_proxy: StartProxy, echo: EchoServer) -> None:
-    proxy = start_proxy(simple_config(echo.port))
+    """With accept_http_10 (off by default, as in Envoy: 426) an HTTP/1.0 client is served."""
+    config = simple_config(echo.port)
+    config["listeners"][0]["accept_http_10"] = True
+    proxy = start_proxy(config)
     out = raw_exchange(_port(proxy), b"GET /chunked?n=1000 HTTP/1.0\r\n\r\n")
     assert out.startswith(b"HTTP/1.0 200")
     assert b"transfer-encoding" not in out.lower()

@@ -19,6 +19,16 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_ROUTE_TIMEOUT_S = 15.0  # Envoy's default route timeout
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 DEFAULT_MAX_IDLE_PER_ENDPOINT = 128
+# Header limits: Envoy 1.40's defaults (HCM max_request_headers_kb, the upstream codec's
+# max_response_headers_kb, common_http_protocol_options.max_headers_count); Envoy's caps.
+DEFAULT_MAX_REQUEST_HEADERS_KB = 60
+DEFAULT_MAX_RESPONSE_HEADERS_KB = 80
+DEFAULT_MAX_HEADERS_COUNT = 100
+MAX_HEADERS_KB_CAP = 8192
+# Downstream timeouts. Envoy leaves request_headers_timeout off; wasmesh bounds it so a slow
+# client (slowloris) cannot hold a connection forever. idle_timeout is Envoy's HCM default (1h).
+DEFAULT_REQUEST_HEADERS_TIMEOUT_S = 10.0
+DEFAULT_DOWNSTREAM_IDLE_TIMEOUT_S = 3600.0
 # The Wasm runtime's own defaults (wasmesh.runtime PluginSpec / Runtime), repeated here so parsing a
 # config does not import wasmtime; tests/proxy/test_proxy_wasm_limits.py keeps the two in step.
 DEFAULT_CALLBACK_DEADLINE_MS = 1000
@@ -118,10 +128,17 @@ class ListenerConfig:
     generate_request_id: bool = True
     direction: int = 0  # envoy TrafficDirection: 0 unspecified, 1 inbound, 2 outbound
     tls: TlsConfig | None = None  # None: plaintext HTTP/1.1
+    max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB
+    max_headers_count: int = DEFAULT_MAX_HEADERS_COUNT
+    # 0 disables a timeout (as in Envoy); max_connections 0 is unlimited.
+    request_headers_timeout_s: float = DEFAULT_REQUEST_HEADERS_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_DOWNSTREAM_IDLE_TIMEOUT_S
+    max_connections: int = 0
+    accept_http_10: bool = False  # Envoy's default: HTTP/1.0 requests get 426
 
     @property
     def tls_mode(self) -> str:
-        """"plaintext", "tls" or "mtls": a change of mode needs a new listening socket (restart)."""
+        """ "plaintext", "tls" or "mtls": a change of mode needs a new listening socket (restart)."""
         if self.tls is None:
             return "plaintext"
         return "mtls" if self.tls.mutual else "tls"
@@ -134,6 +151,8 @@ class ClusterConfig:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_idle_per_endpoint: int = DEFAULT_MAX_IDLE_PER_ENDPOINT
+    max_response_headers_kb: int = DEFAULT_MAX_RESPONSE_HEADERS_KB
+    max_headers_count: int = DEFAULT_MAX_HEADERS_COUNT
 
 
 @dataclass(frozen=True)
@@ -294,6 +313,22 @@ def _port(value: object, ctx: ConfigContext, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ctx.error(path, f"expected an integer port 0-65535, got {value!r}")
     return value
+
+
+def _int_in(value: object, low: int, high: int, ctx: ConfigContext, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ctx.error(path, f"expected an integer {low}-{high}, got {value!r}")
+    return value
+
+
+_LISTENER_LIMIT_KEYS = {
+    "max_request_headers_kb",
+    "max_headers_count",
+    "request_headers_timeout",
+    "idle_timeout",
+    "max_connections",
+    "accept_http_10",
+}
 
 
 def _check_keys(d: dict[str, Any], allowed: set[str], ctx: ConfigContext, path: str) -> None:
@@ -568,6 +603,7 @@ def _parse_listener(
             "generate_request_id",
             "direction",
             "tls",
+            *_LISTENER_LIMIT_KEYS,
         },
         ctx,
         path,
@@ -599,13 +635,48 @@ def _parse_listener(
         tls=_parse_tls(d["tls"], ctx, f"{path}.tls", base_dir or Path.cwd())
         if d.get("tls") is not None
         else None,
+        max_request_headers_kb=_int_in(
+            d.get("max_request_headers_kb", DEFAULT_MAX_REQUEST_HEADERS_KB),
+            1,
+            MAX_HEADERS_KB_CAP,
+            ctx,
+            f"{path}.max_request_headers_kb",
+        ),  # fmt: skip
+        max_headers_count=_int_in(
+            d.get("max_headers_count", DEFAULT_MAX_HEADERS_COUNT),
+            1,
+            1_000_000,
+            ctx,
+            f"{path}.max_headers_count",
+        ),  # fmt: skip
+        request_headers_timeout_s=parse_duration(
+            d.get("request_headers_timeout", DEFAULT_REQUEST_HEADERS_TIMEOUT_S),
+            ctx,
+            f"{path}.request_headers_timeout",
+        ),  # fmt: skip
+        idle_timeout_s=parse_duration(
+            d.get("idle_timeout", DEFAULT_DOWNSTREAM_IDLE_TIMEOUT_S), ctx, f"{path}.idle_timeout"
+        ),
+        max_connections=_int_in(d.get("max_connections", 0), 0, 10_000_000, ctx, f"{path}.max_connections"),
+        accept_http_10=_bool(d.get("accept_http_10", False), ctx, f"{path}.accept_http_10"),
     )
 
 
 def _parse_cluster(raw: object, ctx: ConfigContext, path: str) -> ClusterConfig:
     d = _mapping(raw, ctx, path)
     _check_keys(
-        d, {"name", "endpoints", "connect_timeout", "idle_timeout", "max_idle_per_endpoint"}, ctx, path
+        d,
+        {
+            "name",
+            "endpoints",
+            "connect_timeout",
+            "idle_timeout",
+            "max_idle_per_endpoint",
+            "max_response_headers_kb",
+            "max_headers_count",
+        },
+        ctx,
+        path,
     )
     endpoints: list[tuple[str, int]] = []
     for i, e in enumerate(_list(d.get("endpoints"), ctx, f"{path}.endpoints")):
@@ -636,6 +707,20 @@ def _parse_cluster(raw: object, ctx: ConfigContext, path: str) -> ClusterConfig:
             d.get("idle_timeout", DEFAULT_IDLE_TIMEOUT_S), ctx, f"{path}.idle_timeout"
         ),
         max_idle_per_endpoint=max_idle,
+        max_response_headers_kb=_int_in(
+            d.get("max_response_headers_kb", DEFAULT_MAX_RESPONSE_HEADERS_KB),
+            1,
+            MAX_HEADERS_KB_CAP,
+            ctx,
+            f"{path}.max_response_headers_kb",
+        ),  # fmt: skip
+        max_headers_count=_int_in(
+            d.get("max_headers_count", DEFAULT_MAX_HEADERS_COUNT),
+            1,
+            1_000_000,
+            ctx,
+            f"{path}.max_headers_count",
+        ),  # fmt: skip
     )
 
 

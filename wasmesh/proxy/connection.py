@@ -3,7 +3,13 @@
 A connection parses requests into ``ProxyExchange``s. HTTP/1.1 pipelining is
 honoured: a request that arrives while an earlier one is still being answered is
 recorded and replayed once the earlier response is done (reading pauses meanwhile).
-Malformed input gets a 400 and the connection closes; the worker lives on.
+Malformed input gets a 400 and the connection closes; the worker lives on. Garbage behind a
+complete request waits until that request is answered (as Envoy does: the 200, then the 400).
+
+Each listener bounds its connections (``max_connections``: more are closed at once) and sweeps
+them a few times per timeout: a head that takes longer than ``request_headers_timeout`` gets a
+408, a connection without a request for ``idle_timeout`` is closed. The sweep polls counters the
+connection keeps anyway, so requests pay no timer of their own.
 
 A listener with ``tls`` terminates TLS (1.2+, HTTP/1.1 only): the handshake completes before
 ``connection_made``, which records the session once as a ``TlsInfo`` for every exchange of the
@@ -25,7 +31,7 @@ from wasmesh.http.headers import HeaderMap
 from wasmesh.proxy.chain import PluginChain
 from wasmesh.proxy.config import ListenerConfig, certificate_names
 from wasmesh.proxy.exchange import ProxyExchange
-from wasmesh.proxy.http1 import BadMessage, RequestParser, reason_phrase, simple_response
+from wasmesh.proxy.http1 import BadMessage, RequestParser, bare_response, reason_phrase, simple_response
 from wasmesh.proxy.router import Router
 from wasmesh.proxy.stats import ListenerStats, ProxyStats
 from wasmesh.proxy.upstream import WRITE_HIGH_WATER, ClusterManager
@@ -33,6 +39,7 @@ from wasmesh.proxy.upstream import WRITE_HIGH_WATER, ClusterManager
 log = logging.getLogger("wasmesh.proxy")
 
 PAUSE_PIPELINE = 4
+PAUSE_PROTOCOL_ERROR = 8  # garbage behind a request: nothing more is read while it is answered
 
 _EV_HEADERS, _EV_BODY, _EV_COMPLETE = 0, 1, 2
 
@@ -65,6 +72,9 @@ class Listener:
         self.scheme = b"https" if config.tls is not None else b"http"
         # The context new handshakes use; a reload swaps in a new one (renewed certificate).
         self.tls_context: ssl.SSLContext | None = config.tls.context if config.tls is not None else None
+        self.cx_overflow = 0  # connections closed at once: max_connections was reached
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._accepting = False  # the sweep ends once this is false and no connection is left
 
     def swap_chain(self, chain: PluginChain) -> PluginChain:
         """Install ``chain`` for new exchanges; the old one is retired (freed once its exchanges end)."""
@@ -73,11 +83,14 @@ class Listener:
         return old
 
     def update_routes(self, config: ListenerConfig) -> None:
-        """New routes (and TLS certificates); the TLS mode itself only changes with a restart."""
-        self.config = config
+        """New routes, limits and TLS certificates; the TLS mode itself only changes with a restart."""
+        self.config = config  # new connections take its limits; the sweep its timeouts
         self.router = Router(config.virtual_hosts)
         if config.tls is not None and self.tls_context is not None:
             self.tls_context = config.tls.context
+        interval = self._sweep_interval()
+        if self._sweeper is None and self._accepting and interval is not None:
+            self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _on_client_hello(
         self, ssl_object: ssl.SSLObject, server_name: str | None, initial: ssl.SSLContext
@@ -87,6 +100,23 @@ class Listener:
         current = self.tls_context
         if current is not None and current is not initial:
             ssl_object.context = current
+
+    def _sweep_interval(self) -> float | None:
+        timeouts = [t for t in (self.config.request_headers_timeout_s, self.config.idle_timeout_s) if t > 0]
+        if not timeouts:
+            return None
+        return min(max(min(timeouts) / 4, 0.05), 1.0)
+
+    def _sweep(self) -> None:
+        """Close connections past request_headers_timeout (408) or idle_timeout (closed)."""
+        self._sweeper = None
+        now = self.loop.time()
+        config = self.config
+        for c in list(self.connections):
+            c.check_timeouts(now, config.request_headers_timeout_s, config.idle_timeout_s)
+        interval = self._sweep_interval()
+        if interval is not None and (self._accepting or self.connections):
+            self._sweeper = self.loop.call_later(interval, self._sweep)
 
     async def start(self, reuse_port: bool = False, sock: Any = None) -> None:
         server_ssl = self.tls_context
@@ -105,6 +135,10 @@ class Listener:
                 backlog=2048,
                 ssl=server_ssl,
             )
+        self._accepting = True
+        interval = self._sweep_interval()
+        if interval is not None:
+            self._sweeper = self.loop.call_later(interval, self._sweep)
 
     @property
     def bound_address(self) -> tuple[str, int]:
@@ -113,6 +147,7 @@ class Listener:
         return str(name[0]), int(name[1])
 
     def stop_accepting(self) -> None:
+        self._accepting = False
         if self.server is not None:
             self.server.close()
 
@@ -151,7 +186,14 @@ class DownstreamConnection(asyncio.Protocol):
         self.loop = listener.loop
         self.connection_id = next(_connection_ids)
         self.transport: asyncio.Transport | None = None
-        self.parser = RequestParser(self, listener.scheme)
+        config = listener.config
+        self.parser = RequestParser(
+            self,
+            listener.scheme,
+            config.max_request_headers_kb * 1024,
+            config.max_headers_count,
+            config.accept_http_10,
+        )
         self.scheme = listener.scheme
         self.tls: TlsInfo | None = None
         self.peer: tuple[str, int] | None = None
@@ -164,12 +206,27 @@ class DownstreamConnection(asyncio.Protocol):
         self._writing_paused = False
         # Writes made during one loop iteration go out as one send (response head + body, 100-continue...).
         self._out: list[bytes] | None = None
+        self._accepted = False  # counted in the listener's stats (not closed for max_connections)
+        # Malformed bytes behind complete requests: answered (status, message) once they are.
+        self._deferred_error: BadMessage | None = None
+        # What the timeout sweep last saw: a head (by number) or an idle spell (by exchanges done).
+        self.exchanges_done = 0
+        self._watched: tuple[bool, int] = (False, -1)
+        self._watched_since = 0.0
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport = transport
+        limit = self.listener.config.max_connections
+        if limit and len(self.listener.connections) >= limit:
+            # Over the listener's limit: closed before a byte is read, as Envoy's connection limit does.
+            self.listener.cx_overflow += 1
+            self._closing = True
+            transport.close()
+            return
+        self._accepted = True
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -187,12 +244,18 @@ class DownstreamConnection(asyncio.Protocol):
         self.listener.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._deferred_error is not None:
             return
         try:
             self.parser.feed(data)
         except BadMessage as exc:
-            self._protocol_error(str(exc), exc.status)
+            receiving = self.receiving
+            if self.current is not None and (receiving is None or receiving.request_received):
+                # Garbage after whole requests: they are answered first, then the error (Envoy's order).
+                self._deferred_error = exc
+                self.pause_reading(PAUSE_PROTOCOL_ERROR)
+                return
+            self._protocol_error(exc)
             return
         ex = self.receiving
         if ex is not None and ex.deferred is None:
@@ -205,6 +268,8 @@ class DownstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self.transport = None
+        if not self._accepted:
+            return
         self.listener.connections.discard(self)
         self.listener.stats.cx_active -= 1
         pending = [e for e in (self.current, *self.queue, self.receiving) if e is not None]
@@ -322,6 +387,7 @@ class DownstreamConnection(asyncio.Protocol):
         if ex is not self.current:
             return  # a queued exchange reset along with the connection
         self.current = None
+        self.exchanges_done += 1
         if self.receiving is ex and ex.request_received:
             self.receiving = None
         if not keep_alive or self._closing:
@@ -344,7 +410,34 @@ class DownstreamConnection(asyncio.Protocol):
                     self._guard(nxt, nxt.request_complete, payload[0], payload[1])
         if not self.queue:
             self.resume_reading(PAUSE_PIPELINE)
-        if self.current is None and self.listener.draining:
+        if self.current is None and self._deferred_error is not None:
+            self._protocol_error(self._deferred_error)
+        elif self.current is None and self.listener.draining:
+            self._close()
+
+    def check_timeouts(self, now: float, headers_timeout_s: float, idle_timeout_s: float) -> None:
+        """The listener's sweep: 408 for a head slower than ``headers_timeout_s``; close a
+        connection idle for ``idle_timeout_s`` (0 disables either)."""
+        if self._closing:
+            return
+        parser = self.parser
+        if parser.in_head:
+            watched, timeout = (True, parser.messages_begun), headers_timeout_s
+        elif self.current is None and self.receiving is None:
+            watched, timeout = (False, self.exchanges_done), idle_timeout_s
+        else:
+            self._watched = (False, -1)  # an exchange is running: neither timeout applies
+            return
+        if watched != self._watched:
+            self._watched, self._watched_since = watched, now
+            return
+        if timeout <= 0 or now - self._watched_since < timeout:
+            return
+        if watched[0]:
+            log.debug("listener %s: request headers timeout for %s", self.listener.name, self.peer)
+            self._reply_and_close(408, body=b"request header timeout")  # Envoy's words
+        else:
+            log.debug("listener %s: idle timeout for %s", self.listener.name, self.peer)
             self._close()
 
     def close_if_idle(self) -> None:
@@ -357,13 +450,20 @@ class DownstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _protocol_error(self, message: str, status: int = 400) -> None:
+    def _protocol_error(self, error: BadMessage) -> None:
         self.listener.stats.cx_protocol_error += 1
-        log.debug("listener %s: %s from %s", self.listener.name, message, self.peer)
+        log.debug("listener %s: %s from %s", self.listener.name, error, self.peer)
+        self._reply_and_close(error.status, bare=error.bare)
+
+    def _reply_and_close(self, status: int, *, bare: bool = False, body: bytes | None = None) -> None:
+        """Answer ``status`` (unless a response is already under way) and close."""
         ex = self.current
         respond = ex is None or not ex.response_started
         if ex is not None:
             ex.keep_alive = False
         if respond and self.transport is not None:
-            self.write(simple_response(status, reason_phrase(status)))
+            if bare:
+                self.write(bare_response(status))
+            else:
+                self.write(simple_response(status, reason_phrase(status) if body is None else body))
         self._close()

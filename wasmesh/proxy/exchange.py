@@ -31,7 +31,7 @@ from wasmesh.proxy.http1 import (
     encode_response_head,
 )
 from wasmesh.proxy.passthrough import FilterManagerLike, make_filter_manager
-from wasmesh.proxy.upstream import WRITE_HIGH_WATER, UpstreamConnection
+from wasmesh.proxy.upstream import PROTOCOL_ERROR, WRITE_HIGH_WATER, UpstreamConnection
 
 if TYPE_CHECKING:
     import asyncio
@@ -389,7 +389,13 @@ class ProxyExchange:
         self.upstream = None
         if self.done or self.upstream_failed or self.upstream_complete:
             return
-        if not self.upstream_response_started and self.replay is not None and self.cluster_name is not None:
+        protocol_error = reason == PROTOCOL_ERROR
+        if (
+            not self.upstream_response_started
+            and self.replay is not None
+            and self.cluster_name is not None
+            and not protocol_error  # the server answered, badly: asking again would repeat the request
+        ):
             cluster = self.listener.clusters.get(self.cluster_name)
             if cluster is not None:
                 self.retried = True
@@ -398,7 +404,9 @@ class ProxyExchange:
                 return
         self._cluster_stats_reset()
         if not self.upstream_response_started:
-            self._upstream_failure(503, f"upstream_reset_before_response_started{{{reason}}}")
+            # Envoy answers a response it cannot parse (or one over the header limits) with 502.
+            status = 502 if protocol_error else 503
+            self._upstream_failure(status, f"upstream_reset_before_response_started{{{reason}}}")
         else:
             self.reset(f"upstream_reset_after_response_started{{{reason}}}")
 

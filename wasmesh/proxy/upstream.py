@@ -22,6 +22,7 @@ from wasmesh.proxy.http1 import BadMessage, ResponseParser
 log = logging.getLogger("wasmesh.proxy.upstream")
 
 WRITE_HIGH_WATER = 64 * 1024
+PROTOCOL_ERROR = "protocol_error"  # on_upstream_reset's reason for a malformed or oversized response
 
 
 class UpstreamStream(Protocol):
@@ -42,7 +43,8 @@ class UpstreamStream(Protocol):
         """Everything the last read carried has been reported (a held body chunk can go on now)."""
 
     def on_upstream_reset(self, reason: str) -> None:
-        """The connection failed while this stream used it (closed, protocol error)."""
+        """The connection failed while this stream used it (``connection_termination``, or
+        ``PROTOCOL_ERROR`` for a malformed response or one over the cluster's header limits)."""
 
     def on_upstream_writable(self, writable: bool) -> None:
         """The connection's write buffer crossed the high (False) or low (True) water mark."""
@@ -66,7 +68,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster = cluster
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser(self)
+        limits = cluster.config
+        self.parser = ResponseParser(self, limits.max_response_headers_kb * 1024, limits.max_headers_count)
         self.stream: UpstreamStream | None = None
         self.closed = False
         self.last_used = 0.0
@@ -92,8 +95,10 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except BadMessage as exc:
+            # Never forwarded: the stream answers 502 with Envoy's "reset reason: protocol error".
+            log.debug("cluster %s: %s from %s:%d", self.cluster.name, exc, *self.endpoint)
             self.close()
-            stream.on_upstream_reset(f"protocol_error: {exc}")
+            stream.on_upstream_reset(PROTOCOL_ERROR)
             return
         stream.on_response_batch_end()
 
