@@ -462,6 +462,37 @@ def test_inline_route_config_inline_filters_optional_filters_and_manager_fields(
     assert defaults.config.direction == 0
 
 
+def test_manager_limits_and_timeouts_reach_the_listener() -> None:
+    """What the control plane sets on the HCM bounds the listener as it bounds Envoy's; unset: defaults."""
+    from envoy.config.core.v3 import protocol_pb2
+
+    manager = _inline_manager(
+        max_request_headers_kb=wrappers_pb2.UInt32Value(value=8),
+        request_headers_timeout=duration_pb2.Duration(seconds=2, nanos=500_000_000),
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            max_headers_count=wrappers_pb2.UInt32Value(value=20),
+            idle_timeout=duration_pb2.Duration(seconds=30),
+        ),
+        http_protocol_options=protocol_pb2.Http1ProtocolOptions(accept_http_10=True),
+    )
+    plan = translate_listener(_listener(manager), {}, {})
+    assert not isinstance(plan, tuple)
+    limits = plan.config
+    assert (limits.max_request_headers_kb, limits.max_headers_count) == (8, 20)
+    assert (limits.request_headers_timeout_s, limits.idle_timeout_s) == (2.5, 30.0)
+    assert limits.accept_http_10 is True
+    defaults = translate_listener(_listener(_inline_manager()), {}, {})
+    assert not isinstance(defaults, tuple)
+    unset = ListenerConfig(name="x", address="127.0.0.1", port=1, virtual_hosts=())
+    assert (defaults.config.max_request_headers_kb, defaults.config.max_headers_count) == (
+        unset.max_request_headers_kb, unset.max_headers_count
+    )
+    assert (defaults.config.request_headers_timeout_s, defaults.config.idle_timeout_s) == (
+        unset.request_headers_timeout_s, unset.idle_timeout_s
+    )
+    assert defaults.config.accept_http_10 is False
+
+
 @pytest.mark.parametrize(
     ("listener", "error"),
     [

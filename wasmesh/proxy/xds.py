@@ -43,6 +43,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as http_wasm_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.wasm.v3 import wasm_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format, message, wrappers_pb2
@@ -457,8 +458,26 @@ def translate_listener(
             manager.generate_request_id.value if manager.HasField("generate_request_id") else True
         ),
         direction=direction,
+        **_downstream_limits(manager),
     )
     return ListenerPlan(config=config, filters=tuple(filters))
+
+
+def _downstream_limits(manager: hcm_pb2.HttpConnectionManager) -> dict[str, Any]:
+    """The HCM's header limits, timeouts and HTTP/1.0 switch, where the control plane set them."""
+    limits: dict[str, Any] = {}
+    common = manager.common_http_protocol_options
+    if manager.HasField("max_request_headers_kb"):
+        limits["max_request_headers_kb"] = manager.max_request_headers_kb.value
+    if common.HasField("max_headers_count"):
+        limits["max_headers_count"] = common.max_headers_count.value
+    if manager.HasField("request_headers_timeout"):
+        limits["request_headers_timeout_s"] = manager.request_headers_timeout.ToTimedelta().total_seconds()
+    if common.HasField("idle_timeout"):
+        limits["idle_timeout_s"] = common.idle_timeout.ToTimedelta().total_seconds()
+    if manager.HasField("http_protocol_options"):
+        limits["accept_http_10"] = manager.http_protocol_options.accept_http_10
+    return limits
 
 
 def translate_resources(resources: Mapping[str, Mapping[str, message.Message]]) -> XdsPlan:
