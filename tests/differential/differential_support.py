@@ -246,6 +246,16 @@ def assert_same_exchange(envoy: ObservedExchange | str, wasmesh: ObservedExchang
     pytest.fail("wasmesh differs from Envoy:\n" + "\n".join(lines), pytrace=False)
 
 
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, as an operator stops a proxy; SIGKILL if it has not exited within 20 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def higress_module(name: str) -> Path:
     """The plugin.wasm of one of PyPI gpustack-higress-plugins' Go plugins (skip if absent)."""
     try:
@@ -391,14 +401,8 @@ class WasmeshRun:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            terminate(process)
 
     def __enter__(self) -> WasmeshRun:
         return self.start()
@@ -622,14 +626,8 @@ class WasmeshProxyProcess:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            terminate(process)
 
 
 @dataclass

@@ -554,16 +554,23 @@ def _scope(args: argparse.Namespace) -> tuple[str, str | None] | int:
     return kind, None if args.all_namespaces else (args.namespace or "default")
 
 
-def run_get(args: argparse.Namespace) -> int:
+def _scoped_connection(args: argparse.Namespace) -> tuple[str, str | None, Connection] | int:
+    """The resource kind, namespace and API connection `get`/`describe` act on, or an exit code."""
     scope = _scope(args)
     if isinstance(scope, int):
         return scope
-    kind, namespace = scope
     try:
-        server = _connection(args)
+        return (*scope, _connection(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def run_get(args: argparse.Namespace) -> int:
+    target = _scoped_connection(args)
+    if isinstance(target, int):
+        return target
+    kind, namespace, server = target
     try:
         items, code = _fetch_items(server, kind, args.name, namespace)
         if items is None:
@@ -699,15 +706,10 @@ def _describe_status(status: dict[str, Any] | None) -> list[str]:
 
 
 def run_describe(args: argparse.Namespace) -> int:
-    scope = _scope(args)
-    if isinstance(scope, int):
-        return scope
-    kind, namespace = scope
-    try:
-        server = _connection(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    target = _scoped_connection(args)
+    if isinstance(target, int):
+        return target
+    kind, namespace, server = target
     try:
         items, code = _fetch_items(server, kind, args.name, namespace)
         if items is None:
