@@ -293,8 +293,12 @@ def test_internal_error_is_500_with_one_line(caplog: pytest.LogCaptureFixture) -
         assert "RuntimeError: status source is broken" in caplog.text  # the traceback is logged
         assert request(port, "GET", "/healthz").status == 200  # and the server keeps serving
     finally:
-        server.close()
-        asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(10)
+        # The server belongs to the loop's thread: close it there (asyncio servers are not thread-safe).
+        async def close() -> None:
+            server.close()
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
