@@ -78,6 +78,17 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path: Path) -> Non
     assert message.startswith(f"{path}: line 8 column 1: YAML syntax error: ")
 
 
+def test_a_non_printable_character_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
+    """YAML's reader refuses it while the loader is made, before any document is read."""
+    path = tmp_path / "control.yaml"
+    path.write_text("apiVersion: extensions.istio.io/v1alpha1\x1f\n")
+    with pytest.raises(LoadError) as caught:
+        load_documents([path])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: YAML syntax error: unacceptable character #x001f")
+
+
 def test_json_syntax_error_and_missing_path(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"kind": "WasmPlugin",}')
     result = load_all([tmp_path / "bad.json", tmp_path / "absent.yaml"])

@@ -138,7 +138,10 @@ def _document(source: Path, index: int, line: int, data: object) -> Document:
 def parse_yaml_stream(text: str, source: Path) -> list[Document]:
     """All non-empty documents of a YAML stream. Raises LoadError (one line) on bad YAML."""
     documents: list[Document] = []
-    loader = _KubernetesYamlLoader(text)
+    try:  # the reader checks the text as the loader is made: a non-printable character fails here
+        loader = _KubernetesYamlLoader(text)
+    except yaml.YAMLError as exc:
+        raise LoadError(_yaml_error_line(source, exc)) from None
     try:
         index = 0
         while loader.check_node():
